@@ -1,0 +1,258 @@
+"""On-disk format of the offline datasets: one memory-mapped TensorDict per task, plus metadata.
+
+Layout of a dataset folder::
+
+    metadata.json        format version, env parameters, seed, noise, counts (written atomically, last)
+    progress_n{N}.npy    bool [num_tasks, N]: rollout finished and flushed
+    task_{i}_n{N}/       TensorDict memmap of task i, batch size [N, T] (N rollouts of T agent steps)
+
+Buffer and progress names carry N, so growing a dataset writes a new generation beside the old one and
+switches to it by renaming ``metadata.json``: a run killed at any point leaves a readable dataset.
+
+Per step ``t`` of a rollout: ``pixels`` uint8 [3, H, W] and/or ``state`` float32 [6] observed *before*
+``action`` float32 [4]; ``("next", "reward")`` float32 [1] received after it, ``("next", "done" |
+"terminated" | "truncated" | "success")`` bool [1], and ``task`` int64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from envs.two_drawers import ACTION_DIM, NUM_TASKS, STATE_DIM, EnvConfig
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+
+
+def buffer_dir(root: Path, task: int, n: int) -> Path:
+    """Folder of task ``task``'s buffer in the generation with ``n`` rollouts per task."""
+    return root / f"task_{task}_n{n}"
+
+
+def progress_path(root: Path, n: int) -> Path:
+    """Completion flags of the generation with ``n`` rollouts per task."""
+    return root / f"progress_n{n}.npy"
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, corrupt, incomplete or does not match what was asked for."""
+
+
+@dataclass(frozen=True)
+class DatasetMetadata:
+    """What a dataset holds and how it was made."""
+
+    env: EnvConfig
+    rollouts_per_task: int
+    seed: int
+    noise_std: float
+    num_tasks: int = NUM_TASKS
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "env": self.env.to_dict(),
+            "num_tasks": self.num_tasks,
+            "rollouts_per_task": self.rollouts_per_task,
+            "seed": self.seed,
+            "noise_std": self.noise_std,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DatasetMetadata":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DatasetError(f"unsupported dataset format_version {version!r} (this code reads {FORMAT_VERSION})")
+        try:
+            return cls(
+                env=EnvConfig.from_dict(data["env"]),
+                rollouts_per_task=int(data["rollouts_per_task"]),
+                seed=int(data["seed"]),
+                noise_std=float(data["noise_std"]),
+                num_tasks=int(data["num_tasks"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise DatasetError(f"corrupt dataset metadata: {err}") from err
+
+    def same_source(self, other: "DatasetMetadata") -> bool:
+        """True when rollouts of ``other`` could extend this dataset (everything but the count agrees)."""
+        return (self.env, self.seed, self.noise_std, self.num_tasks) == (other.env, other.seed, other.noise_std, other.num_tasks)
+
+
+def obs_keys(env: EnvConfig) -> tuple[str, ...]:
+    """Observation keys stored for an env configuration."""
+    return {"pixels": ("pixels",), "state": ("state",), "pixels_state": ("pixels", "state")}[env.obs_mode]
+
+
+def empty_rollouts(env: EnvConfig, n: int) -> TensorDict:
+    """A zero-memory template of ``n`` rollouts (expanded zeros) with the dataset's keys, shapes and dtypes."""
+    t, size = env.episode_length, env.image_size
+
+    def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype).expand(n, t, *shape)
+
+    fields: dict[Any, torch.Tensor] = {
+        "action": zeros(ACTION_DIM),
+        "task": zeros(dtype=torch.int64),
+        ("next", "reward"): zeros(1),
+    }
+    for key in ("done", "terminated", "truncated", "success"):
+        fields[("next", key)] = zeros(1, dtype=torch.bool)
+    if "pixels" in obs_keys(env):
+        fields["pixels"] = zeros(3, size, size, dtype=torch.uint8)
+    if "state" in obs_keys(env):
+        fields["state"] = zeros(STATE_DIM)
+    return TensorDict(fields, batch_size=[n, t])
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file, fsync it, then rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metadata(root: str | os.PathLike) -> DatasetMetadata:
+    """Read and validate ``metadata.json``; raises :class:`DatasetError` naming the problem."""
+    root = Path(root)
+    path = root / METADATA_FILE
+    if not root.is_dir():
+        raise DatasetError(f"no dataset at {root}: the folder does not exist")
+    if not path.is_file():
+        raise DatasetError(f"no dataset at {root}: {METADATA_FILE} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"corrupt dataset metadata {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise DatasetError(f"corrupt dataset metadata {path}: expected a JSON object")
+    return DatasetMetadata.from_dict(data)
+
+
+def open_progress(root: Path, meta: DatasetMetadata, mode: str = "r") -> np.ndarray:
+    """The [num_tasks, N] completion flags, memory-mapped."""
+    path = progress_path(root, meta.rollouts_per_task)
+    try:
+        progress = np.load(path, mmap_mode=mode)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"corrupt or missing {path.name} in {root}: {err}") from err
+    expected = (meta.num_tasks, meta.rollouts_per_task)
+    if progress.shape != expected or progress.dtype != np.bool_:
+        raise DatasetError(f"corrupt {path.name} in {root}: shape {progress.shape}, expected {expected}")
+    return progress
+
+
+def _load_buffer(root: Path, task: int, meta: DatasetMetadata) -> TensorDict:
+    path = buffer_dir(root, task, meta.rollouts_per_task)
+    try:
+        buffer = TensorDict.load_memmap(path)
+    except Exception as err:  # tensordict raises several types for broken folders
+        raise DatasetError(f"corrupt task buffer {path}: {err}") from err
+    template = empty_rollouts(meta.env, meta.rollouts_per_task)
+    want = {k: (tuple(v.shape), v.dtype) for k, v in template.items(include_nested=True, leaves_only=True)}
+    have = {k: (tuple(v.shape), v.dtype) for k, v in buffer.items(include_nested=True, leaves_only=True)}
+    if want != have:
+        missing = sorted(str(k) for k in set(want) - set(have))
+        wrong = sorted(str(k) for k in set(want) & set(have) if want[k] != have[k])
+        raise DatasetError(f"task buffer {path} does not match its metadata: missing {missing}, wrong shape/dtype {wrong}")
+    return buffer
+
+
+class OfflineDataset:
+    """A collected dataset opened for reading: per-task memory-mapped buffers of batch size [N, T]."""
+
+    def __init__(self, root: str | os.PathLike, require_complete: bool = True):
+        self.root = Path(root)
+        self.metadata = read_metadata(self.root)
+        progress = open_progress(self.root, self.metadata)
+        if require_complete and not progress.all():
+            done, total = int(progress.sum()), progress.size
+            raise DatasetError(
+                f"dataset {self.root} is incomplete ({done}/{total} rollouts): run the collector again to finish it"
+            )
+        self.buffers: list[TensorDict] = [_load_buffer(self.root, i, self.metadata) for i in range(self.metadata.num_tasks)]
+
+    @property
+    def env_config(self) -> EnvConfig:
+        return self.metadata.env
+
+    @property
+    def num_tasks(self) -> int:
+        return self.metadata.num_tasks
+
+    @property
+    def rollouts_per_task(self) -> int:
+        return self.metadata.rollouts_per_task
+
+    @property
+    def episode_length(self) -> int:
+        return self.metadata.env.episode_length
+
+    @property
+    def obs_keys(self) -> tuple[str, ...]:
+        return obs_keys(self.metadata.env)
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (f"OfflineDataset({self.root}, tasks={m.num_tasks}, rollouts_per_task={m.rollouts_per_task}, "
+                f"T={m.env.episode_length}, obs={self.obs_keys}, image_size={m.env.image_size})")
+
+
+def open_dataset(root: str | os.PathLike) -> OfflineDataset:
+    """Open a complete dataset; raises :class:`DatasetError` if it is missing, corrupt or incomplete."""
+    return OfflineDataset(root)
+
+
+def create_or_extend(root: Path, meta: DatasetMetadata) -> None:
+    """Make ``root`` hold ``meta.rollouts_per_task`` slots per task, keeping finished rollouts.
+
+    A new folder is created; an existing one with the same source (env parameters, seed, noise) and fewer
+    rollouts is grown into a new generation; any mismatch raises :class:`DatasetError` and changes nothing.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    old: DatasetMetadata | None = None
+    if (root / METADATA_FILE).exists():
+        old = read_metadata(root)
+        if not old.same_source(meta):
+            raise DatasetError(
+                f"{root} holds a dataset made with other parameters: refusing to extend it.\n"
+                f"  existing: {old.to_dict()}\n  requested: {meta.to_dict()}\n"
+                f"choose another root or the same env parameters, seed and noise_std"
+            )
+        if old.rollouts_per_task >= meta.rollouts_per_task:
+            open_progress(root, old)
+            for task in range(old.num_tasks):
+                _load_buffer(root, task, old)
+            return
+    n = meta.rollouts_per_task
+    progress = np.zeros((meta.num_tasks, n), dtype=bool)
+    for task in range(meta.num_tasks):
+        staging = buffer_dir(root, task, n)
+        if staging.exists():  # left by a run killed before it switched generations
+            shutil.rmtree(staging)
+        grown = empty_rollouts(meta.env, n).memmap_like(staging)
+        if old is not None:
+            grown[: old.rollouts_per_task] = _load_buffer(root, task, old)
+        del grown
+    if old is not None:
+        progress[:, : old.rollouts_per_task] = open_progress(root, old)
+    tmp = root / "progress.tmp.npy"
+    np.save(tmp, progress)
+    os.replace(tmp, progress_path(root, n))
+    write_json_atomic(root / METADATA_FILE, meta.to_dict())  # the switch
+    for stale in list(root.glob("task_*_n*")) + list(root.glob("progress_n*.npy")):
+        if stale not in {buffer_dir(root, t, n) for t in range(meta.num_tasks)} | {progress_path(root, n)}:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

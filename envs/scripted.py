@@ -1,0 +1,58 @@
+"""Task-specific scripted behaviour policies: policy ``i`` opens drawer ``i`` and never the other one.
+
+They act from the env's privileged simulator state (hand and handle positions), so they work whatever the
+observation mode. Gaussian action noise (``noise_std``) and the env's random hand offset make the data varied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.two_drawers import NUM_TASKS, SawyerTwoDrawersEnv
+
+
+class DrawerOpener:
+    """Proportional controller: rise to the approach height, line up over drawer ``task``'s handle loop,
+    descend into it, then pull the drawer towards the robot. The gripper stays open (the fingers hook the bar).
+    """
+
+    def __init__(
+        self,
+        task: int,
+        noise_std: float = 0.3,
+        gain: float = 10.0,
+        approach_height: float = 0.06,
+        xy_tolerance: float = 0.03,
+        z_tolerance: float = 0.02,
+        seed: int | None = None,
+    ):
+        if not 0 <= task < NUM_TASKS:
+            raise ValueError(f"unknown task {task!r}: tasks are 0 (left drawer) and 1 (right drawer)")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.task = task
+        self.noise_std = noise_std
+        self.gain = gain
+        self.approach_height = approach_height
+        self.xy_tolerance = xy_tolerance
+        self.z_tolerance = z_tolerance
+        self.rng = np.random.default_rng(seed)
+
+    def clean_action(self, env: SawyerTwoDrawersEnv) -> np.ndarray:
+        """The noiseless action for the env's current simulator state."""
+        tcp = env.tcp()
+        grasp = env.handle_pos(self.task)
+        if np.linalg.norm(tcp[:2] - grasp[:2]) > self.xy_tolerance:
+            goal = grasp + np.array([0.0, 0.0, self.approach_height])
+        elif tcp[2] > grasp[2] + self.z_tolerance:
+            goal = grasp
+        else:
+            goal = grasp + np.array([0.0, -0.10, 0.0])
+        delta = np.clip((goal - tcp) * self.gain, -1.0, 1.0)
+        return np.concatenate([delta, [-1.0]])
+
+    def __call__(self, env: SawyerTwoDrawersEnv) -> np.ndarray:
+        action = self.clean_action(env)
+        if self.noise_std > 0:
+            action = action + self.rng.normal(0.0, self.noise_std, size=action.shape)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)

@@ -1,0 +1,201 @@
+"""``SawyerTwoDrawers-v0``: a Sawyer arm and two drawers; task 0 opens the left drawer, task 1 the right.
+
+The task is hidden: it is never part of the observation. The reward is sparse: 1.0 at every step at which
+the *target* drawer is open beyond ``open_threshold`` metres, else 0 (opening the wrong drawer pays nothing).
+Control follows Metaworld: the first three action entries move the mocap body that the hand is welded to
+(``action_scale`` metres per unit and per physics frame block), the fourth drives the two fingers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+from envs.scene import DRAWER_PREFIXES, SCENE_CAMERA, SceneConfig, build_model
+
+OBS_MODES = ("pixels", "state", "pixels_state")
+NUM_TASKS = 2
+STATE_DIM = 6  # tcp xyz, finger gap, left opening, right opening
+ACTION_DIM = 4
+_HAND_QUAT = np.array([1.0, 0.0, 1.0, 0.0])
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Every parameter that changes what the env produces (stored with datasets to refuse mismatches)."""
+
+    obs_mode: str = "pixels"
+    image_size: int = 64
+    episode_length: int = 40
+    action_repeat: int = 2
+    frame_skip: int = 5
+    action_scale: float = 0.01
+    open_threshold: float = 0.08
+    hand_init: tuple[float, float, float] = (-0.05, 0.6, 0.2)
+    hand_jitter: float = 0.03
+    mocap_low: tuple[float, float, float] = (-0.35, 0.40, 0.05)
+    mocap_high: tuple[float, float, float] = (0.35, 0.90, 0.40)
+    fast_render: bool = True
+    scene: SceneConfig = field(default_factory=SceneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EnvConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        data = dict(data)
+        scene = data.pop("scene", {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown env parameter(s) {unknown}; known: {sorted(known)}")
+        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        scene_cfg = scene if isinstance(scene, SceneConfig) else SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in scene.items()})
+        return cls(**{**data, **tuples}, scene=scene_cfg)
+
+
+class SawyerTwoDrawersEnv(gym.Env):
+    """Gymnasium env of the paper's two-drawer scene (see module docstring)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = "rgb_array", **overrides: Any):
+        config = EnvConfig.from_dict({**(config or EnvConfig()).to_dict(), **overrides})
+        if config.obs_mode not in OBS_MODES:
+            raise ValueError(f"unknown obs_mode {config.obs_mode!r}; choose one of {OBS_MODES}")
+        if config.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {config.image_size}")
+        if config.episode_length < 1 or config.action_repeat < 1 or config.frame_skip < 1:
+            raise ValueError("episode_length, action_repeat and frame_skip must be >= 1")
+        self.config = config
+        self.render_mode = render_mode
+        self.model = build_model(config.scene, fast_render=config.fast_render)
+        self.data = mujoco.MjData(self.model)
+        self._slides = [self.model.joint(f"{p}goal_slidey").qposadr[0] for p in DRAWER_PREFIXES]
+        self._drawer_links = [self.model.body(f"{p}drawer_link").id for p in DRAWER_PREFIXES]
+        self._left_tip = self.model.site("leftEndEffector").id
+        self._right_tip = self.model.site("rightEndEffector").id
+        self._mocap_low = np.asarray(config.mocap_low)
+        self._mocap_high = np.asarray(config.mocap_high)
+        self._renderer: mujoco.Renderer | None = None
+        self._task = 0
+        self._steps = config.episode_length  # no episode before the first reset()
+
+        size = config.image_size
+        spaces: dict[str, gym.Space] = {}
+        if config.obs_mode in ("pixels", "pixels_state"):
+            spaces["pixels"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        if config.obs_mode in ("state", "pixels_state"):
+            spaces["state"] = gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        self.observation_space = gym.spaces.Dict(spaces)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def task(self) -> int:
+        """The current target drawer (0 = left, 1 = right). Hidden from the agent."""
+        return self._task
+
+    def tcp(self) -> np.ndarray:
+        """Position of the point between the fingertips."""
+        return (self.data.site_xpos[self._left_tip] + self.data.site_xpos[self._right_tip]) / 2.0
+
+    def openings(self) -> np.ndarray:
+        """How far each drawer is pulled out, in metres (0 = closed, ~0.16 = fully open)."""
+        return -self.data.qpos[self._slides].copy()
+
+    def handle_pos(self, drawer: int) -> np.ndarray:
+        """Where the fingertip centre goes to pull drawer ``drawer``: the open fingers straddle the handle bar."""
+        return self.data.xpos[self._drawer_links[drawer]] + np.array([0.0, -0.165, -0.02])
+
+    def state_vector(self) -> np.ndarray:
+        """The ``state`` observation: tcp position, finger gap, both drawer openings."""
+        gap = np.linalg.norm(self.data.site_xpos[self._left_tip] - self.data.site_xpos[self._right_tip])
+        return np.concatenate([self.tcp(), [gap], self.openings()]).astype(np.float32)
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = sorted(set(options) - {"task"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; the only option is 'task'")
+        task = options.get("task")
+        if task is None:
+            task = int(self.np_random.integers(NUM_TASKS))
+        elif isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < NUM_TASKS:
+            raise ValueError(f"unknown task {task!r}: tasks are 0 (left drawer) and 1 (right drawer)")
+        self._task = int(task)
+        self._steps = 0
+
+        mujoco.mj_resetData(self.model, self.data)
+        jitter = self.np_random.uniform(-1.0, 1.0, 3) * self.config.hand_jitter
+        hand = np.clip(np.asarray(self.config.hand_init) + jitter, self._mocap_low, self._mocap_high)
+        for _ in range(50):  # settle the arm under the mocap weld, as Metaworld's _reset_hand does
+            self.data.mocap_pos[0] = hand
+            self.data.mocap_quat[0] = _HAND_QUAT
+            self.data.ctrl[:] = [-1.0, 1.0]
+            mujoco.mj_step(self.model, self.data, nstep=self.config.frame_skip)
+        return self._observation(), self._info()
+
+    def step(self, action: np.ndarray):
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be finite, got {action}")
+        if self._steps >= self.config.episode_length:
+            raise RuntimeError("no episode in progress (not reset yet, or truncated): call reset() before step()")
+        action = np.clip(action, -1.0, 1.0)
+        for _ in range(self.config.action_repeat):
+            target = self.data.mocap_pos[0] + action[:3] * self.config.action_scale
+            self.data.mocap_pos[0] = np.clip(target, self._mocap_low, self._mocap_high)
+            self.data.mocap_quat[0] = _HAND_QUAT
+            self.data.ctrl[:] = [action[3], -action[3]]
+            mujoco.mj_step(self.model, self.data, nstep=self.config.frame_skip)
+        self._steps += 1
+        info = self._info()
+        reward = 1.0 if info["success"] else 0.0
+        truncated = self._steps >= self.config.episode_length
+        return self._observation(), reward, False, truncated, info
+
+    def render(self) -> np.ndarray:
+        """RGB frame (H, W, 3) uint8 from the fixed scene camera."""
+        if self._renderer is None:
+            size = self.config.image_size
+            self._renderer = mujoco.Renderer(self.model, size, size)
+            # free the GL context before interpreter shutdown tears EGL down (avoids errors at exit)
+            self._renderer_finalizer = weakref.finalize(self, self._renderer.close)
+        self._renderer.update_scene(self.data, camera=SCENE_CAMERA)
+        return self._renderer.render()
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer_finalizer()
+            self._renderer = None
+
+    # ------------------------------------------------------------------ helpers
+    def _observation(self) -> dict[str, np.ndarray]:
+        obs = {}
+        if "pixels" in self.observation_space.spaces:
+            obs["pixels"] = self.render()
+        if "state" in self.observation_space.spaces:
+            obs["state"] = self.state_vector()
+        return obs
+
+    def _info(self) -> dict[str, Any]:
+        openings = self.openings()
+        return {
+            "success": bool(openings[self._task] > self.config.open_threshold),
+            "task": self._task,
+            "opening_left": float(openings[0]),
+            "opening_right": float(openings[1]),
+            "wrong_drawer_open": bool(openings[1 - self._task] > self.config.open_threshold),
+        }

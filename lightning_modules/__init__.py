@@ -1,0 +1,1 @@
+"""Lightning modules (models and training phases) and the ``lightning`` command-line entry point."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny real datasets made by the real collector (state obs, or 32 px pixels)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` cleanly on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _make(root, obs_mode: str, rollouts: int, length: int, seed: int = 0):
+    from envs.collect import collect_dataset
+    from envs.two_drawers import EnvConfig
+
+    env = EnvConfig(obs_mode=obs_mode, image_size=32, episode_length=length)
+    return collect_dataset(root, env, rollouts_per_task=rollouts, seed=seed, workers=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_dataset(tmp_path_factory):
+    """2 tasks x 3 rollouts x 10 steps, 32 px pixels + state (the issue's tiny dataset)."""
+    return _make(tmp_path_factory.mktemp("tiny_pixels") / "ds", "pixels_state", rollouts=3, length=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dataset(tmp_path_factory):
+    """2 tasks x 8 rollouts x 40 steps, state observations only (fast)."""
+    return _make(tmp_path_factory.mktemp("tiny_state") / "ds", "state", rollouts=8, length=40)

@@ -1,0 +1,136 @@
+"""Offline datasets: generation, re-opening, resume after a kill, extension, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from envs.collect import collect_dataset, load_config, main
+from envs.dataset import DatasetError, open_dataset, progress_path
+from envs.two_drawers import EnvConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _assert_same(a, b) -> None:
+    for buf_a, buf_b in zip(a.buffers, b.buffers):
+        for key, value in buf_a.items(include_nested=True, leaves_only=True):
+            assert torch.equal(value, buf_b[key]), key
+
+
+def test_tiny_pixel_dataset_roundtrip(tiny_pixel_dataset):
+    ds = open_dataset(tiny_pixel_dataset.root)  # re-open from disk
+    assert ds.num_tasks == 2 and ds.rollouts_per_task == 3 and ds.episode_length == 10
+    meta = json.loads((ds.root / "metadata.json").read_text())
+    assert meta["format_version"] == 1 and meta["env"]["image_size"] == 32
+    for task, buf in enumerate(ds.buffers):
+        assert buf.batch_size == torch.Size([3, 10])
+        assert buf["pixels"].dtype == torch.uint8 and buf["pixels"].shape == (3, 10, 3, 32, 32)
+        assert buf["state"].dtype == torch.float32 and buf["state"].shape == (3, 10, 6)
+        assert buf["action"].shape == (3, 10, 4) and buf["action"].abs().max() <= 1.0
+        assert (buf["task"] == task).all()
+        assert torch.equal(buf["next", "reward"] > 0, buf["next", "success"])
+        assert buf["next", "truncated"][:, -1].all() and not buf["next", "truncated"][:, :-1].any()
+        assert buf["pixels"].float().std() > 10  # real images, not blank
+        # rollouts differ (noise and random hand start)
+        assert not torch.equal(buf["state"][0], buf["state"][1])
+
+
+def test_state_dataset_scripted_success(tiny_state_dataset):
+    for task, buf in enumerate(tiny_state_dataset.buffers):
+        assert buf["next", "success"][:, -1].float().mean() >= 0.85
+        other_opening = buf["state"][..., 4 + (1 - task)]
+        assert other_opening.max() < 0.01  # the other drawer is never opened
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    env = EnvConfig(obs_mode="pixels", image_size=32, episode_length=20)
+    root = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "envs.collect", f"root={root}", "rollouts_per_task=12", "workers=1",
+           "preview=false", "env.obs_mode=pixels", "env.image_size=32", "env.episode_length=20"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = progress_path(root, 12)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and (root / "metadata.json").exists():
+            done = int(np.load(progress).sum())
+            if done >= 3:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= done < 24, f"kill landed at {done} finished rollouts"
+    with pytest.raises(DatasetError, match="incomplete"):
+        open_dataset(root)
+    resumed = collect_dataset(root, env, rollouts_per_task=12, workers=1, progress=False)
+    fresh = collect_dataset(tmp_path / "fresh", env, rollouts_per_task=12, workers=0, progress=False)
+    _assert_same(resumed, fresh)
+
+
+def test_extend_keeps_rollouts_and_refuses_other_params(tmp_path):
+    env = EnvConfig(obs_mode="state", episode_length=15)
+    small = collect_dataset(tmp_path / "ds", env, rollouts_per_task=2, progress=False)
+    first = small.buffers[0]["state"].clone()
+    big = collect_dataset(tmp_path / "ds", env, rollouts_per_task=4, progress=False)
+    assert big.rollouts_per_task == 4 and torch.equal(big.buffers[0]["state"][:2], first)
+    _assert_same(big, collect_dataset(tmp_path / "fresh", env, rollouts_per_task=4, progress=False))
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["metadata.json", "progress_n4.npy", "task_0_n4", "task_1_n4"]
+
+    before = (tmp_path / "ds" / "metadata.json").read_text()
+    with pytest.raises(DatasetError, match="other parameters"):
+        collect_dataset(tmp_path / "ds", EnvConfig(obs_mode="state", episode_length=20), rollouts_per_task=6, progress=False)
+    with pytest.raises(DatasetError, match="other parameters"):
+        collect_dataset(tmp_path / "ds", env, rollouts_per_task=6, seed=1, progress=False)
+    assert (tmp_path / "ds" / "metadata.json").read_text() == before
+    _assert_same(open_dataset(tmp_path / "ds"), big)
+
+
+def test_corrupt_and_missing_datasets_are_named(tmp_path, tiny_state_dataset):
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="metadata.json is missing"):
+        open_dataset(tmp_path / "empty")
+
+    env = EnvConfig(obs_mode="state", episode_length=5)
+    root = tmp_path / "ds"
+    collect_dataset(root, env, rollouts_per_task=1, progress=False)
+    meta = root / "metadata.json"
+    good = meta.read_text()
+    meta.write_text("{not json")
+    with pytest.raises(DatasetError, match="corrupt dataset metadata"):
+        open_dataset(root)
+    meta.write_text(good.replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(DatasetError, match="format_version 99"):
+        open_dataset(root)
+    meta.write_text(good)
+    (root / "task_1_n1" / "state.memmap").unlink()
+    with pytest.raises(DatasetError, match="task_1_n1"):
+        open_dataset(root)
+
+
+def test_collect_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main([f"root={tmp_path / 'a'}", "rollout_per_task=3"]) == 2
+    assert "rollout_per_task" in capsys.readouterr().err
+    assert main([f"root={tmp_path / 'b'}", "env.obs_mode=depth"]) == 2
+    assert "obs_mode" in capsys.readouterr().err
+    assert main([f"root={tmp_path / 'c'}", "env.colour=red"]) == 2
+    assert "colour" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert not (tmp_path / "b").exists() or not (tmp_path / "b" / "metadata.json").exists()
+
+
+def test_shipped_collection_configs_parse():
+    for path in sorted((REPO / "configs" / "data").glob("*.yaml")):
+        config = load_config(str(path), [])
+        EnvConfig.from_dict(config.env)
