@@ -1,0 +1,270 @@
+"""``MetaExplorationDataModule``: the LightningDataModule serving synthetic-exploration batches.
+
+``prepare_data`` collects the offline dataset when it is missing or unfinished (``envs.collect``), ``setup``
+opens it, refuses an incompatible one with a ``ValueError`` naming every mismatch, and builds the sampler;
+``train_dataloader`` / ``val_dataloader`` deliver whole TensorDict batches [B, L] (``batch_size=None``).
+The position in the training stream is checkpointed by ``state_dict`` as plain ints, so a resumed run
+continues the same stream; each DDP rank draws its own stream (seeded by its global rank).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from tensordict import TensorDict
+from torch.utils.data import DataLoader
+
+from datamodules.meta_exploration import MODES, MetaExplorationSampler, MetaExplorationStream, SamplerConfig, StreamProgress
+from envs.dataset import METADATA_FILE, OfflineDataset, open_dataset, open_progress, read_metadata
+from envs.dataset import obs_keys as stored_obs_keys
+from envs.two_drawers import ACTION_DIM, NUM_TASKS, EnvConfig
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+# Lightning warns about any IterableDataset with __len__ under several workers; these streams split the
+# batches between workers by index (see MetaExplorationStream), so the length is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", module="lightning")
+STATE_VERSION = 1
+
+
+def keep_batch(batch: TensorDict) -> TensorDict:
+    """``collate_fn`` of the loaders: batches arrive whole (torch's default_convert would take a TensorDict apart)."""
+    return batch
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`MetaExplorationStream` that counts the batches it hands out.
+
+    Each pass starts the stream where the previous one stopped (or where a checkpoint left it): the count
+    is written to the stream's shared start index before the workers begin the pass. ``state_dict`` makes it a
+    resumable loader for Lightning (the same plain state as the DataModule's).
+    """
+
+    dataset: MetaExplorationStream
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "seed": self.dataset.seed, "position": int(self.dataset.progress.consumed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = _check_state(state_dict)
+        self.dataset.seed = state["seed"]
+        self.dataset.progress.reset(state["position"])
+
+    def __iter__(self) -> Iterator[TensorDict]:
+        stream = self.dataset
+        progress = stream.progress
+        progress.begin_pass()
+        stream.position = progress.start
+        for batch in super().__iter__():
+            progress.handed_out += 1
+            yield batch
+
+
+class _TrainProgressTracker(Callback):
+    """Counts the batches the trainer actually trains on (the DataLoader runs one batch ahead)."""
+
+    def __init__(self, progress: StreamProgress):
+        self.progress = progress
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.progress.processed is not None:
+            self.progress.processed += 1
+
+
+def _check_state(state: dict[str, Any]) -> dict[str, int]:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not {"seed", "position"} <= set(state):
+        raise ValueError(f"not a MetaExplorationDataModule state (version {STATE_VERSION}): {state!r}")
+    return {"seed": int(state["seed"]), "position": int(state["position"])}
+
+
+def check_dataset(dataset: OfflineDataset, *, num_tasks: int | None, action_dim: int, obs_keys: tuple[str, ...],
+                  image_size: int, episode_length: int) -> None:
+    """Raise ``ValueError`` listing every way ``dataset`` differs from what the DataModule was configured for."""
+    env = dataset.metadata.env
+    problems = []
+    if num_tasks is not None and dataset.num_tasks != num_tasks:
+        problems.append(f"it has {dataset.num_tasks} tasks, configured num_tasks={num_tasks}")
+    if len(dataset.buffers) != dataset.num_tasks:
+        problems.append(f"it has {len(dataset.buffers)} task buffers for {dataset.num_tasks} tasks")
+    have = dataset.obs_keys
+    missing = [k for k in obs_keys if k not in have]
+    if missing:
+        problems.append(f"it stores observation keys {list(have)}, configured to deliver {list(obs_keys)}")
+    if "pixels" in obs_keys and "pixels" in have and env.image_size != image_size:
+        problems.append(f"its images are {env.image_size} px, configured image_size={image_size}")
+    if env.episode_length != episode_length:
+        problems.append(f"its episodes have {env.episode_length} steps, configured episode_length={episode_length}")
+    for task, buf in enumerate(dataset.buffers):
+        if "action" in buf.keys() and buf["action"].shape[-1] != action_dim:
+            problems.append(f"task {task} actions have size {buf['action'].shape[-1]}, configured action_dim={action_dim}")
+            break
+        if "pixels" in obs_keys and "pixels" in buf.keys() and tuple(buf["pixels"].shape[-3:]) != (3, image_size, image_size):
+            problems.append(f"task {task} pixels have shape {tuple(buf['pixels'].shape[-3:])}, expected (3, {image_size}, {image_size})")
+            break
+    if problems:
+        raise ValueError(f"incompatible dataset at {dataset.root}: " + "; ".join(problems))
+
+
+class MetaExplorationDataModule(pl.LightningDataModule):
+    """Synthetic-exploration batches (paper section 3.5) from the per-task offline buffers at ``root``.
+
+    Collection (used by ``prepare_data`` when the dataset is missing or unfinished, and checked against an
+    existing one): ``obs_mode``, ``image_size``, ``episode_length``, ``rollouts_per_task``,
+    ``collection_seed``, ``noise_std``, ``collection_workers``. Only the first ``rollouts_per_task`` rollouts
+    of a larger dataset are used.
+
+    Sampling: ``mode`` ("synthetic" or "no_expl"), ``num_segments`` K, ``segment_length`` T (None = whole
+    episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
+    ``obs_mode``), ``num_tasks`` N (checked against the dataset; None = whatever it has), ``seed``.
+    ``batches_per_epoch`` sets the epoch length (None = endless); validation uses ``val_batches`` fixed
+    batches drawn with ``val_seed``.
+
+    Loading: ``num_workers`` DataLoader processes; ``in_memory`` copies the buffers into RAM (else they stay
+    memory-mapped); ``device`` (e.g. "cuda": this rank's GPU under a trainer; implies ``in_memory``, needs
+    ``num_workers=0``) keeps them on that device and gathers batches there; ``pin_memory`` pins CPU batches when
+    CUDA is available.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/two_drawers",
+        obs_mode: str = "pixels",
+        image_size: int = 64,
+        episode_length: int = 40,
+        rollouts_per_task: int = 1000,
+        collection_seed: int = 0,
+        noise_std: float = 0.3,
+        collection_workers: int = 0,
+        mode: str = "synthetic",
+        num_segments: int = 2,
+        segment_length: int | None = None,
+        batch_size: int = 16,
+        obs_keys: list[str] | None = None,
+        num_tasks: int | None = NUM_TASKS,
+        action_dim: int = ACTION_DIM,
+        seed: int = 0,
+        batches_per_epoch: int | None = 1000,
+        val_batches: int = 4,
+        val_seed: int = 1234,
+        num_workers: int = 0,
+        in_memory: bool = False,
+        device: str | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.env = EnvConfig(obs_mode=obs_mode, image_size=image_size, episode_length=episode_length)
+        self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
+        self.sampler_config = SamplerConfig(batch_size=batch_size, num_segments=num_segments,
+                                            segment_length=segment_length, mode=mode, obs_keys=self.obs_keys)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if device is not None and num_workers > 0:
+            raise ValueError(f"device={device!r} gathers batches in the main process: set num_workers=0 (got {num_workers})")
+        if num_workers < 0 or val_batches < 1:
+            raise ValueError(f"num_workers must be >= 0 and val_batches >= 1, got {num_workers} and {val_batches}")
+        self.seed = seed
+        self.dataset: OfflineDataset | None = None
+        self.sampler: MetaExplorationSampler | None = None
+        self.progress = StreamProgress()
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self) -> None:
+        """Collect the dataset if ``root`` has none, an unfinished one, or fewer rollouts than configured."""
+        if (self.root / METADATA_FILE).exists():
+            meta = read_metadata(self.root)  # a corrupt one raises DatasetError (a ValueError) naming the file
+            if open_progress(self.root, meta).all() and meta.rollouts_per_task >= self.hparams.rollouts_per_task:
+                return
+        from envs.collect import collect_dataset  # MuJoCo/EGL only when collecting
+
+        collect_dataset(self.root, self.env, rollouts_per_task=self.hparams.rollouts_per_task,
+                        seed=self.hparams.collection_seed, noise_std=self.hparams.noise_std,
+                        workers=self.hparams.collection_workers, progress=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open and check the dataset, build the sampler (once) and, when fitting, attach the progress tracker."""
+        if self.sampler is None:
+            dataset = open_dataset(self.root)
+            check_dataset(dataset, num_tasks=self.hparams.num_tasks, action_dim=self.hparams.action_dim,
+                          obs_keys=self.obs_keys, image_size=self.hparams.image_size,
+                          episode_length=self.hparams.episode_length)
+            n = self.hparams.rollouts_per_task
+            if dataset.rollouts_per_task < n:
+                raise ValueError(f"dataset at {self.root} has {dataset.rollouts_per_task} rollouts per task, configured "
+                                 f"rollouts_per_task={n}: run prepare_data() to extend it")
+            buffers = [buf[:n] for buf in dataset.buffers]
+            self.dataset = dataset
+            self.sampler = MetaExplorationSampler(buffers, self.sampler_config, in_memory=self.hparams.in_memory,
+                                                  device=self.storage_device())
+        trainer = self._trainer_or_none()
+        if trainer is not None and not any(isinstance(c, _TrainProgressTracker) for c in trainer.callbacks):
+            trainer.callbacks.append(_TrainProgressTracker(self.progress))
+            if self.progress.processed is None:
+                self.progress.processed = self.progress.handed_out
+
+    def _trainer_or_none(self) -> pl.Trainer | None:
+        return getattr(self, "trainer", None)
+
+    def storage_device(self) -> torch.device | None:
+        """Where the buffers live when ``device`` is set; "cuda" without an index means this rank's trainer device."""
+        if self.hparams.device is None:
+            return None
+        device = torch.device(self.hparams.device)
+        trainer = self._trainer_or_none()
+        if trainer is not None and device.index is None and trainer.strategy.root_device.type == device.type:
+            return trainer.strategy.root_device
+        return device
+
+    def rank(self) -> int:
+        """Global rank of this process: from the trainer, else torch.distributed, else 0."""
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            return trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+        return 0
+
+    def _require_setup(self) -> MetaExplorationSampler:
+        if self.sampler is None:
+            self.setup("fit")
+        assert self.sampler is not None
+        return self.sampler
+
+    def train_stream(self) -> MetaExplorationStream:
+        """The training stream of this rank (seed, rank), starting where the stream was left."""
+        return MetaExplorationStream(self._require_setup(), seed=self.seed, stream=TRAIN_STREAM, rank=self.rank(),
+                                     batches_per_epoch=self.hparams.batches_per_epoch, progress=self.progress)
+
+    def val_stream(self) -> MetaExplorationStream:
+        """The validation stream of this rank: the same ``val_batches`` batches every pass."""
+        return MetaExplorationStream(self._require_setup(), seed=self.hparams.val_seed, stream=VAL_STREAM,
+                                     rank=self.rank(), batches_per_epoch=self.hparams.val_batches)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.hparams.num_workers
+        pin = bool(self.hparams.pin_memory and self.hparams.device is None and torch.cuda.is_available())
+        return dict(batch_size=None, collate_fn=keep_batch, num_workers=workers, pin_memory=pin,
+                    persistent_workers=bool(self.hparams.persistent_workers and workers > 0))
+
+    def train_dataloader(self) -> StreamLoader:
+        return StreamLoader(self.train_stream(), **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_stream(), **self._loader_kwargs())
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints: the seed and the index of the next training batch of the stream."""
+        return {"version": STATE_VERSION, "seed": int(self.seed), "position": int(self.progress.consumed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream of a checkpoint (its seed wins over the configured one)."""
+        self.seed = _check_state(state_dict)["seed"]
+        self.progress.reset(int(state_dict["position"]))
