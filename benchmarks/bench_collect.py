@@ -28,20 +28,23 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=30, help="rollouts per task")
     parser.add_argument("--episode-length", type=int, default=40)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--envs-per-worker", type=int, nargs="+", default=[1],
+                        help="envs stepped in lockstep per process; above 1 their frames are drawn as tiles")
     args = parser.parse_args()
     env = EnvConfig(obs_mode="pixels_state", image_size=args.image_size, episode_length=args.episode_length)
     frames = 2 * args.rollouts * args.episode_length
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
     print()
-    print("| workers | image | frames | seconds | frames/s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| workers | envs/worker | image | frames | seconds | frames/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for workers in args.workers:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            collect_dataset(Path(tmp) / "ds", env, args.rollouts, workers=workers, progress=False)
-            seconds = time.perf_counter() - start
-        print(f"| {workers} | {args.image_size} px | {frames} | {seconds:.1f} | {frames / seconds:.0f} |", flush=True)
+        for envs in args.envs_per_worker:
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                collect_dataset(Path(tmp) / "ds", env, args.rollouts, workers=workers, progress=False, envs_per_worker=envs)
+                seconds = time.perf_counter() - start
+            print(f"| {workers} | {envs} | {args.image_size} px | {frames} | {seconds:.1f} | {frames / seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

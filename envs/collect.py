@@ -6,7 +6,10 @@
 Rollout ``j`` of task ``i`` always uses the seed derived from (seed, i, j), so a killed run started again
 re-collects only the unfinished rollouts and ends with exactly the dataset an uninterrupted run makes.
 Workers are separate processes (each with its own EGL context) writing into the shared memory-mapped
-buffers; only the main process marks rollouts finished.
+buffers; only the main process marks rollouts finished. With ``envs_per_worker > 1`` a worker steps that many
+envs in lockstep and draws their frames as tiles of one offscreen buffer (:class:`envs.tiled_render.TiledRenderer`):
+one read-back per step for all of them, which is what makes rendering fast on a GPU. Tiled frames equal
+``mujoco.Renderer``'s up to rare 1-grey-level rounding differences, so keep one setting per dataset.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from envs.dataset import (  # noqa: E402
     read_metadata,
 )
 from envs.scripted import DrawerOpener  # noqa: E402
+from envs.tiled_render import TiledRenderer  # noqa: E402
 from envs.two_drawers import EnvConfig, SawyerTwoDrawersEnv  # noqa: E402
 
 
@@ -50,6 +54,7 @@ class CollectConfig:
     seed: int = 0
     noise_std: float = 0.3
     workers: int = 2
+    envs_per_worker: int = 1
     preview: bool = True
     env: dict[str, Any] = field(default_factory=lambda: {"obs_mode": "pixels_state", "image_size": 64})
 
@@ -61,61 +66,96 @@ def rollout_seed(seed: int, task: int, index: int) -> int:
 
 def run_rollout(env: SawyerTwoDrawersEnv, task: int, seed: int, noise_std: float) -> TensorDict:
     """One episode of the scripted opener of drawer ``task``, as a TensorDict of batch size [T]."""
-    policy = DrawerOpener(task, noise_std=noise_std, seed=seed)
-    obs, _ = env.reset(seed=seed, options={"task": task})
-    steps: dict[Any, list[np.ndarray]] = {}
+    return run_rollouts([env], [task], [seed], noise_std)[0]
 
-    def add(key: Any, value: Any) -> None:
-        steps.setdefault(key, []).append(np.asarray(value))
 
-    for _ in range(env.config.episode_length):
-        if "pixels" in obs:
-            add("pixels", obs["pixels"].transpose(2, 0, 1))
-        if "state" in obs:
-            add("state", obs["state"])
-        action = policy(env)
-        obs, reward, terminated, truncated, info = env.step(action)
-        add("action", action)
-        add(("next", "reward"), [reward])
-        add(("next", "terminated"), [terminated])
-        add(("next", "truncated"), [truncated])
-        add(("next", "done"), [terminated or truncated])
-        add(("next", "success"), [info["success"]])
-        add("task", task)
-    t = env.config.episode_length
-    return TensorDict({k: torch.from_numpy(np.stack(v)) for k, v in steps.items()}, batch_size=[t]).apply(
-        lambda x: x.float() if x.dtype == torch.float64 else x
-    )
+def run_rollouts(
+    envs: list[SawyerTwoDrawersEnv],
+    tasks: list[int],
+    seeds: list[int],
+    noise_std: float,
+    renderer: TiledRenderer | None = None,
+) -> list[TensorDict]:
+    """Episodes of the scripted openers, one per env, stepped in lockstep; TensorDicts of batch size [T].
+
+    With ``renderer`` the frames of all envs are drawn by it (the envs must not render observations);
+    without it each env renders its own ``pixels`` observation.
+    """
+    n = len(tasks)
+    policies = [DrawerOpener(task, noise_std=noise_std, seed=seed) for task, seed in zip(tasks, seeds)]
+    obs = [env.reset(seed=seed, options={"task": task})[0] for env, task, seed in zip(envs[:n], tasks, seeds)]
+    steps: list[dict[Any, list[np.ndarray]]] = [{} for _ in range(n)]
+    keys = obs_keys(envs[0].config)
+
+    def add(i: int, key: Any, value: Any) -> None:
+        steps[i].setdefault(key, []).append(np.asarray(value))
+
+    for _ in range(envs[0].config.episode_length):
+        if renderer is not None:
+            datas = [env.data for env in envs[:n]]
+            frames = renderer.render(datas + [datas[-1]] * (renderer.num_envs - n))
+            for i in range(n):
+                obs[i]["pixels"] = frames[i]
+        for i, env in enumerate(envs[:n]):
+            if "pixels" in keys:
+                add(i, "pixels", obs[i]["pixels"].transpose(2, 0, 1))
+            if "state" in keys:
+                add(i, "state", obs[i]["state"])
+            action = policies[i](env)
+            obs[i], reward, terminated, truncated, info = env.step(action)
+            add(i, "action", action)
+            add(i, ("next", "reward"), [reward])
+            add(i, ("next", "terminated"), [terminated])
+            add(i, ("next", "truncated"), [truncated])
+            add(i, ("next", "done"), [terminated or truncated])
+            add(i, ("next", "success"), [info["success"]])
+            add(i, "task", tasks[i])
+    t = envs[0].config.episode_length
+    return [
+        TensorDict({k: torch.from_numpy(np.stack(v)) for k, v in record.items()}, batch_size=[t]).apply(
+            lambda x: x.float() if x.dtype == torch.float64 else x
+        )
+        for record in steps
+    ]
 
 
 class _Writer:
     """Runs rollouts and writes them into the memory-mapped buffers (one per process)."""
 
-    def __init__(self, root: str, meta: dict[str, Any]):
+    def __init__(self, root: str, meta: dict[str, Any], envs_per_worker: int = 1):
         self.meta = DatasetMetadata.from_dict(meta)
-        self.env = SawyerTwoDrawersEnv(self.meta.env)
+        tiled = envs_per_worker > 1 and "pixels" in obs_keys(self.meta.env)
+        self.envs = [SawyerTwoDrawersEnv(self.meta.env, render_observations=not tiled) for _ in range(envs_per_worker)]
+        self.renderer = TiledRenderer(self.envs[0].model, self.meta.env.image_size, envs_per_worker) if tiled else None
         n = self.meta.rollouts_per_task
         self.buffers = [TensorDict.load_memmap(buffer_dir(Path(root), i, n)) for i in range(self.meta.num_tasks)]
 
-    def __call__(self, job: tuple[int, int]) -> tuple[int, int]:
-        task, index = job
-        rollout = run_rollout(self.env, task, rollout_seed(self.meta.seed, task, index), self.meta.noise_std)
-        self.buffers[task][index] = rollout
-        return job
+    def __call__(self, jobs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        tasks = [task for task, _ in jobs]
+        seeds = [rollout_seed(self.meta.seed, task, index) for task, index in jobs]
+        for (task, index), rollout in zip(jobs, run_rollouts(self.envs, tasks, seeds, self.meta.noise_std, self.renderer)):
+            self.buffers[task][index] = rollout
+        return jobs
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        if self.renderer is not None:
+            self.renderer.close()
 
 
 _WORKER: _Writer | None = None
 
 
-def _init_worker(root: str, meta: dict[str, Any]) -> None:
+def _init_worker(root: str, meta: dict[str, Any], envs_per_worker: int) -> None:
     global _WORKER
     torch.set_num_threads(1)
-    _WORKER = _Writer(root, meta)
+    _WORKER = _Writer(root, meta, envs_per_worker)
 
 
-def _work(job: tuple[int, int]) -> tuple[int, int]:
+def _work(jobs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     assert _WORKER is not None
-    return _WORKER(job)
+    return _WORKER(jobs)
 
 
 def collect_dataset(
@@ -126,10 +166,12 @@ def collect_dataset(
     noise_std: float = 0.3,
     workers: int = 0,
     progress: bool = True,
+    envs_per_worker: int = 1,
 ) -> OfflineDataset:
     """Collect (or finish, or extend) the dataset at ``root`` and return it opened.
 
-    ``workers=0`` collects in this process. A dataset made with other env parameters, seed or noise is
+    ``workers=0`` collects in this process; ``envs_per_worker`` envs are stepped in lockstep per process,
+    their frames drawn as tiles of one buffer when it is above 1. A dataset made with other env parameters, seed or noise is
     refused with :class:`envs.dataset.DatasetError`; one with at least ``rollouts_per_task`` finished
     rollouts per task is returned as it is.
     """
@@ -137,6 +179,8 @@ def collect_dataset(
         raise ValueError(f"rollouts_per_task must be >= 1, got {rollouts_per_task}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if envs_per_worker < 1:
+        raise ValueError(f"envs_per_worker must be >= 1, got {envs_per_worker}")
     SawyerTwoDrawersEnv(env).close()  # validates the env parameters before anything is written
     root = Path(root)
     wanted = DatasetMetadata(env=env, rollouts_per_task=rollouts_per_task, seed=seed, noise_std=noise_std)
@@ -145,31 +189,37 @@ def collect_dataset(
     flags = open_progress(root, meta, mode="r+")
     jobs = [(int(t), int(i)) for t, i in zip(*np.nonzero(~flags))]
     if jobs:
-        for task, index in _run(str(root), meta, jobs, workers, progress):
-            flags[task, index] = True
+        chunks = [jobs[i : i + envs_per_worker] for i in range(0, len(jobs), envs_per_worker)]
+        for finished in _run(str(root), meta, chunks, workers, envs_per_worker, progress):
+            for task, index in finished:
+                flags[task, index] = True
             flags.flush()
     del flags
     return OfflineDataset(root)
 
 
-def _run(root: str, meta: DatasetMetadata, jobs: list[tuple[int, int]], workers: int, progress: bool) -> Iterable[tuple[int, int]]:
+def _run(root: str, meta: DatasetMetadata, chunks: list[list[tuple[int, int]]], workers: int, envs_per_worker: int,
+         progress: bool) -> Iterable[list[tuple[int, int]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("collecting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress)
     with bar:
-        task_id = bar.add_task("rollouts", total=len(jobs))
+        task_id = bar.add_task("rollouts", total=sum(len(c) for c in chunks))
+        writer, pool = None, None
         if workers == 0:
-            writer = _Writer(root, meta.to_dict())
-            results: Iterable[tuple[int, int]] = map(writer, jobs)
-            pool = None
+            writer = _Writer(root, meta.to_dict(), envs_per_worker)
+            results: Iterable[list[tuple[int, int]]] = map(writer, chunks)
         else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(root, meta.to_dict()))
-            results = pool.imap_unordered(_work, jobs)
+            initargs = (root, meta.to_dict(), envs_per_worker)
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs)
+            results = pool.imap_unordered(_work, chunks)
         try:
             for done in results:
-                bar.advance(task_id)
+                bar.advance(task_id, len(done))
                 yield done
         finally:
+            if writer is not None:
+                writer.close()
             if pool is not None:
                 pool.terminate()
                 pool.join()
@@ -206,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         env = EnvConfig.from_dict(config.env)
-        dataset = collect_dataset(config.root, env, config.rollouts_per_task, config.seed, config.noise_std, config.workers)
+        dataset = collect_dataset(config.root, env, config.rollouts_per_task, config.seed, config.noise_std,
+                                  config.workers, envs_per_worker=config.envs_per_worker)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,7 +66,10 @@ class SawyerTwoDrawersEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = "rgb_array", **overrides: Any):
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = "rgb_array",
+                 render_observations: bool = True, **overrides: Any):
+        """``render_observations=False`` leaves ``pixels`` out of the returned observations (a batch renderer
+        such as :class:`envs.tiled_render.TiledRenderer` draws them instead); ``overrides`` set EnvConfig fields."""
         config = EnvConfig.from_dict({**(config or EnvConfig()).to_dict(), **overrides})
         if config.obs_mode not in OBS_MODES:
             raise ValueError(f"unknown obs_mode {config.obs_mode!r}; choose one of {OBS_MODES}")
@@ -85,6 +88,7 @@ class SawyerTwoDrawersEnv(gym.Env):
         self._mocap_low = np.asarray(config.mocap_low)
         self._mocap_high = np.asarray(config.mocap_high)
         self._renderer: mujoco.Renderer | None = None
+        self._render_observations = render_observations
         self._task = 0
         self._steps = config.episode_length  # no episode before the first reset()
 
@@ -184,7 +188,7 @@ class SawyerTwoDrawersEnv(gym.Env):
     # ------------------------------------------------------------------ helpers
     def _observation(self) -> dict[str, np.ndarray]:
         obs = {}
-        if "pixels" in self.observation_space.spaces:
+        if "pixels" in self.observation_space.spaces and self._render_observations:
             obs["pixels"] = self.render()
         if "state" in self.observation_space.spaces:
             obs["state"] = self.state_vector()
