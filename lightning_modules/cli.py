@@ -14,8 +14,8 @@ from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 
 
-def main(args: ArgsType = None) -> LightningCLI:
-    """Run the Lightning CLI; ``args`` overrides ``sys.argv[1:]`` (a list of strings or a dict)."""
+def build_cli(args: ArgsType = None) -> LightningCLI:
+    """Run the Lightning CLI and return it (for tests); ``args`` overrides ``sys.argv[1:]``."""
     return LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -24,6 +24,12 @@ def main(args: ArgsType = None) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: ArgsType = None) -> None:
+    """The ``lightning`` console script. Returns None: it is called as ``sys.exit(main())``, where a returned
+    object would become exit status 1."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,15 @@ untrained, memoryless filter scores ~1 there. The memory test is ``val/probe_acc
 ``j`` = 1 and T/2): beliefs inside the next episode, after the scene was reset, where only what the filter
 carried over can tell the task (chance for a filter that forgets), split into ``..._prev_target`` /
 ``..._prev_other`` by the preceding segment. Image reconstructions and open-loop predictions every
-``log_images_every_n_val`` validation runs (pixels only).
+``log_images_every_n_val`` validation runs (pixels only). ``hp/val_loss`` and ``hp/probe_acc_memory`` (=
+``val/probe_acc_seg1_step1``) are the metrics of TensorBoard's HParams tab (hyperparameters logged at train start).
+
+Training guards: a NaN/inf loss term stops the run with ``FloatingPointError`` naming it
+(:func:`lightning_modules.guards.check_finite`). The sampling noise of a training step is drawn from the global
+RNG seeded by (``noise_seed``, rank, global step, batch index) and the global state is restored afterwards
+(validation: fixed noise per batch index), so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have (``noise_seed`` is ``torch.initial_seed()`` at construction, i.e. the
+``seed_everything`` seed, and is saved in checkpoints).
 """
 
 from __future__ import annotations
@@ -61,10 +69,12 @@ import torch
 from tensordict import TensorDictBase
 
 from lightning_modules.filter_images import comparison_grid, pick_steps, to_uint8
+from lightning_modules.guards import check_finite, derive_seed, seeded_rng
 from lightning_modules.probe import ProbeCollector
 from lightning_modules.rssm import FilterState, RewardRSSM, gaussian_kl, gaussian_log_prob, shift_right
 
 REWARD = ("next", "reward")
+TRAIN_NOISE, VAL_NOISE = 0, 1  # noise streams (see _noise)
 
 
 class VariationalFilterModule(pl.LightningModule):
@@ -133,6 +143,8 @@ class VariationalFilterModule(pl.LightningModule):
         self._probe = ProbeCollector()
         self._val_runs = 0
         self._cell_fn = None
+        # seed of the sampling noise: the seed_everything / manual_seed in force (draws nothing); kept in checkpoints
+        self.noise_seed = int(torch.initial_seed())
 
     # ------------------------------------------------------------------ public belief API
     @property
@@ -274,14 +286,50 @@ class VariationalFilterModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._init_state_stats(batch)
 
+    def _noise(self, stream: int, index: int):
+        """The global RNG seeded for (noise_seed, stream, rank, index) inside the block, restored after.
+
+        Training noise of batch ``batch_idx`` at ``global_step`` depends on those alone, so a resumed run
+        draws exactly the noise of the uninterrupted one (nothing Lightning, the loaders or validation drew
+        in between matters), each DDP rank draws its own, and validation (fixed batches) uses fixed noise.
+        """
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return seeded_rng(derive_seed(self.noise_seed, stream, rank, index), self._dev)
+
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> torch.Tensor:
         self.check_batch(batch)
-        loss, info = self.compute_losses(batch, sample=True)
+        with self._noise(TRAIN_NOISE, derive_seed(self.global_step, batch_idx)):
+            loss, info = self.compute_losses(batch, sample=True)
+        terms = info["terms"]
+        check_finite({"train/loss": loss, **{f"losses/{k}": v for k, v in terms.items() if k != "elbo"}},
+                     self.global_step)
         B = batch.batch_size[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
-        self.log("train/elbo", info["terms"]["elbo"], batch_size=B)
-        self.log_dict({f"losses/{k}": v for k, v in info["terms"].items() if k != "elbo"}, batch_size=B)
+        self.log("train/elbo", terms["elbo"], prog_bar=True, batch_size=B)
+        self.log_dict({f"losses/{k}": v for k, v in terms.items() if k != "elbo"}, batch_size=B)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["noise_seed"] = self.noise_seed  # a plain int
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "noise_seed" in checkpoint:
+            self.noise_seed = int(checkpoint["noise_seed"])
+
+    def on_train_start(self) -> None:
+        # TensorBoard's HParams tab: hyperparameters (model + data) with the metrics to compare runs by
+        # (validation logs hp/*; NaN until the first validation). Only for loggers made with
+        # default_hp_metric=False (the configs): otherwise Lightning already wrote its hp_metric summary.
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        params = dict(self.hparams_initial)
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            params.update(dm.hparams_initial)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and not getattr(logger, "_default_hp_metric", False):
+                logger.log_hyperparams(params, {"hp/val_loss": float("nan"), "hp/probe_acc_memory": float("nan")},
+                                       step=self.global_step)
 
     def configure_optimizers(self):
         cls = torch.optim.AdamW if self.hparams.weight_decay > 0 else torch.optim.Adam
@@ -296,11 +344,13 @@ class VariationalFilterModule(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: TensorDictBase, batch_idx: int) -> None:
         self.check_batch(batch)
-        loss, info = self.compute_losses(batch, sample=True)
+        with self._noise(VAL_NOISE, batch_idx):
+            loss, info = self.compute_losses(batch, sample=True)
         B = batch.batch_size[0]
         terms = info["terms"]
-        self.log("val/loss", loss, batch_size=B)
-        self.log_dict({f"val/{k}": v for k, v in terms.items()}, batch_size=B)
+        self.log("val/loss", loss, prog_bar=True, batch_size=B, sync_dist=True)
+        self.log("hp/val_loss", loss, batch_size=B, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, batch_size=B, sync_dist=True)
         self._log_reward_errors(batch, info, B)
         if "target_task" in batch.keys():
             self._collect_probe(batch)
@@ -355,6 +405,9 @@ class VariationalFilterModule(pl.LightningModule):
                 if name == "init" and suffix:
                     continue
                 metrics[f"val/probe_acc_{name}{suffix}"] = value
+        memory = metrics.get("val/probe_acc_seg1_step1")  # the task inside the next episode: memory only
+        if memory is not None:
+            metrics["hp/probe_acc_memory"] = memory
         if metrics:
             self.log_dict(metrics, sync_dist=True)
 
