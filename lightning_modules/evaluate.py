@@ -1,0 +1,75 @@
+"""Evaluate a saved phase-2 checkpoint online and write the same JSON as the training-time evaluation.
+
+    python -m lightning_modules.evaluate --checkpoint runs/cql_quickstart/version_0/checkpoints/last.ckpt \\
+        --trials 50 --episodes 3 --out results.json
+
+The checkpoint is self-contained (the filter's weights and hyper-parameters and the dataset's env parameters are
+stored in it); ``--dataset ROOT`` takes the env parameters from a dataset's metadata instead (e.g. for a checkpoint
+written before they were stored). ``--video out.mp4`` also writes trial 0 as a video (moviepy<2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from envs.gl import select_headless_gl
+
+select_headless_gl()
+
+import torch  # noqa: E402
+
+from lightning_modules.evaluation import SUCCESS_METRICS, eval_env_config, run_trials, write_results  # noqa: E402
+from lightning_modules.latent_cql import LatentCQLModule  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lightning_modules.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="phase-2 (LatentCQLModule) checkpoint")
+    p.add_argument("--trials", type=int, default=50, help="number of trials M (target drawn uniformly per trial)")
+    p.add_argument("--episodes", type=int, default=3, help="episodes E per trial (belief carried over)")
+    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument("--num-envs", type=int, default=None, help="envs stepped in lockstep (default min(trials, 32))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--success-metric", choices=SUCCESS_METRICS, default="last")
+    p.add_argument("--dataset", default=None, help="take the env parameters from this dataset's metadata")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--video", default=None, help="also write trial 0 as a video file (e.g. trial0.mp4)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = LatentCQLModule.load_phase2(args.checkpoint, map_location="cpu").to(args.device)
+    env_source = model.env_config
+    if args.dataset is not None:
+        from envs.dataset import read_metadata
+
+        env_source = read_metadata(args.dataset).env
+    cfg = eval_env_config(model.filter, env_source)
+    result = run_trials(model, cfg, trials=args.trials, episodes=args.episodes, num_envs=args.num_envs,
+                        seed=args.seed, success_metric=args.success_metric, video=args.video is not None)
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    data = {"env_config": cfg.to_dict(), "checkpoint": str(Path(args.checkpoint).resolve()),
+            "evaluations": [{"step": int(ckpt.get("global_step", -1)), "epoch": int(ckpt.get("epoch", -1)),
+                             **result.to_json()}]}
+    path = write_results(args.out, data)
+    s = result.summary
+    rates = ", ".join(f"{r:.2f}" for r in s["success_per_episode"])
+    print(f"success per episode ({s['success_metric']} step, {s['trials']} trials): [{rates}]; "
+          f"{s['episodes_per_second']:.1f} episodes/s; wrote {path}")
+    if args.video is not None and result.video is not None:
+        _write_video(result.video, args.video)
+    return 0
+
+
+def _write_video(video: torch.Tensor, path: str, fps: int = 10) -> None:
+    from moviepy.editor import ImageSequenceClip
+
+    frames = list(video[0].permute(0, 2, 3, 1).numpy())
+    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
