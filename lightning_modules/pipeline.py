@@ -1,0 +1,188 @@
+"""The main job: dataset -> phase 1 (filter) -> phase 2 (latent CQL) -> evaluation -> Figure 2, per method and seed.
+
+    python -m lightning_modules.pipeline                                   # CPU quickstart, the method ("ours")
+    python -m lightning_modules.pipeline --methods no_expl no_cql          # the two ablations beside it
+    python -m lightning_modules.pipeline --preset paper --seeds 0 1 2      # paper scale (GPU)
+
+Every stage is the command a user would type (``python -m envs.collect``, ``lightning fit --config ...``,
+``python -m lightning_modules.evaluate``), printed before it runs. Stages that finished are skipped and a
+training stage that was interrupted resumes from its ``last.ckpt``, so the job can be run again after a kill (or
+in chunks with ``--max-stages``). Layout under ``--out``::
+
+    data stage                 -> the preset's dataset root (configs/data/<preset>...yaml)
+    filters/<mode>/seed_<k>/   -> phase-1 run (TensorBoard logs, config.yaml, checkpoints/last.ckpt)
+    <method>/seed_<k>/phase2/  -> phase-2 run (logs, eval_results.json of the periodic evaluations, checkpoints)
+    <method>/seed_<k>/eval_results.json   final evaluation of the best phase-2 checkpoint (fresh trials)
+    figure2.png, results.md    success vs episode for every method and seed found under --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESETS = {
+    "quickstart": dict(data="configs/data/quickstart_state.yaml", filter="configs/filter_quickstart.yaml",
+                       cql="configs/cql_quickstart.yaml"),
+    "paper": dict(data="configs/data/two_drawers.yaml", filter="configs/filter_paper.yaml",
+                  cql="configs/cql_paper.yaml"),
+}
+METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlays of phase 2)
+    "ours": ("synthetic", [], []),
+    "no_expl": ("no_expl", ["configs/ablations/no_expl.yaml"], ["configs/ablations/no_expl.yaml"]),
+    "no_cql": ("synthetic", [], ["configs/ablations/no_cql.yaml"]),
+}
+DONE = "DONE"
+
+
+@dataclass
+class Stage:
+    """One command of the pipeline and the folder whose ``DONE`` marker says it finished."""
+
+    name: str
+    argv: list[str]
+    run_dir: Path | None = None
+
+    def done(self) -> bool:
+        return self.run_dir is not None and (self.run_dir / DONE).exists()
+
+
+def _lightning(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_modules.cli", *args]
+
+
+def _fit_stage(name: str, configs: list[str], run_dir: Path, seed: int, extra: list[str]) -> Stage:
+    """``lightning fit`` into ``run_dir`` (resumed from its last.ckpt when one exists)."""
+    argv = _lightning("fit", *[a for c in configs for a in ("--config", c)]) + [
+        "--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+        "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
+        "--trainer.logger.init_args.name", run_dir.parent.name,
+        "--trainer.logger.init_args.version", run_dir.name, *extra]
+    return Stage(name, argv, run_dir)
+
+
+def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: int, episodes: int,
+         phase1_args: list[str], phase2_args: list[str], data_root: str | None = None,
+         data_args: list[str] | None = None) -> list[Stage]:
+    """The stages to run, in order (phase 1 of a data mode is shared by the methods that use it)."""
+    cfg = PRESETS[preset]
+    data_args = list(data_args or [])
+    if data_root is not None:
+        data_args.append(f"root={data_root}")
+        phase1_args = ["--data.init_args.root", data_root, *phase1_args]
+        phase2_args = ["--data.init_args.root", data_root, *phase2_args]
+    stages = [Stage("data", [sys.executable, "-m", "envs.collect", "--config", cfg["data"], *data_args])]
+    filters: dict[tuple[str, int], Path] = {}
+    for seed in seeds:
+        for method in methods:
+            mode, overlays1, overlays2 = METHODS[method]
+            key = (mode, seed)
+            if key not in filters:
+                run = out / "filters" / mode / f"seed_{seed}"
+                filters[key] = run
+                stages.append(_fit_stage(f"phase 1 ({mode}, seed {seed})", [cfg["filter"], *overlays1], run, seed, phase1_args))
+            filter_ckpt = filters[key] / "checkpoints" / "last.ckpt"
+            run2 = out / method / f"seed_{seed}" / "phase2"
+            stages.append(_fit_stage(f"phase 2 ({method}, seed {seed})", [cfg["cql"], *overlays2], run2, seed,
+                                     ["--model.init_args.filter_checkpoint", str(filter_ckpt), *phase2_args]))
+            final = out / method / f"seed_{seed}"
+            stages.append(Stage(f"evaluation ({method}, seed {seed})", [
+                sys.executable, "-m", "lightning_modules.evaluate", "--checkpoint", str(run2 / "checkpoints" / "best.ckpt"),
+                "--trials", str(trials), "--episodes", str(episodes), "--seed", str(1000 + seed),
+                "--out", str(final / "eval_results.json")], final / "final_eval"))
+    return stages
+
+
+def _pretty(argv: list[str]) -> str:
+    if argv[:3] == [sys.executable, "-m", "lightning_modules.cli"]:
+        argv = ["lightning", *argv[3:]]
+    elif argv[:2] == [sys.executable, "-m"]:
+        argv = ["python", "-m", *argv[2:]]
+    return shlex.join(argv)
+
+
+def _best_checkpoint(run_dir: Path) -> Path:
+    """The best-by-evaluation phase-2 checkpoint (``best-*.ckpt``), else ``last.ckpt``."""
+    ckpts = run_dir / "checkpoints"
+    best = sorted(ckpts.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return best[-1] if best else ckpts / "last.ckpt"
+
+
+def run_stage(stage: Stage) -> None:
+    """Run one stage (resuming a training stage from its last.ckpt), then mark it done."""
+    argv = list(stage.argv)
+    if stage.run_dir is not None and argv and argv[0] == sys.executable and "lightning_modules.cli" in argv:
+        last = stage.run_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            argv += ["--ckpt_path", str(last)]
+    if "lightning_modules.evaluate" in argv:
+        i = argv.index("--checkpoint") + 1
+        argv[i] = str(_best_checkpoint(Path(argv[i]).parent.parent))
+    print(f"\n=== {stage.name}\n$ {_pretty(argv)}", flush=True)
+    start = time.time()
+    subprocess.run(argv, check=True)
+    print(f"=== {stage.name}: {time.time() - start:.0f} s", flush=True)
+    if stage.run_dir is not None:
+        stage.run_dir.mkdir(parents=True, exist_ok=True)
+        (stage.run_dir / DONE).write_text(f"{time.time() - start:.1f} s\n")
+
+
+def summarize(out: Path) -> None:
+    """Write ``figure2.png`` and ``results.md`` for every method and seed under ``out``."""
+    from lightning_modules.results import collect_curves, figure2, results_table
+
+    curves = collect_curves(out)
+    table = results_table(curves)
+    (out / "results.md").write_text(table + "\n")
+    fig = figure2(curves)
+    fig.savefig(out / "figure2.png", dpi=150)
+    print(f"\n{table}\n\nwrote {out / 'figure2.png'} and {out / 'results.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(prog="python -m lightning_modules.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quickstart")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["ours"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", type=Path, default=None, help="default: runs/pipeline_<preset>")
+    p.add_argument("--trials", type=int, default=50, help="final evaluation trials per run")
+    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--phase1-args", default="", metavar="ARGS",
+                   help='extra `lightning fit` args of phase 1, one string: --phase1-args="--trainer.max_steps 500"')
+    p.add_argument("--phase2-args", default="", metavar="ARGS", help="extra `lightning fit` args of phase 2, likewise")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the preset's data config)")
+    p.add_argument("--data-args", default="", metavar="ARGS", help='extra key=value overrides of the data stage, one string')
+    p.add_argument("--max-stages", type=int, default=None, help="run at most this many unfinished stages, then stop")
+    args = p.parse_args(argv)
+    out = args.out or Path("runs") / f"pipeline_{args.preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    stages = plan(args.preset, args.methods, args.seeds, out, args.trials, args.episodes,
+                  shlex.split(args.phase1_args), shlex.split(args.phase2_args), args.data_root,
+                  shlex.split(args.data_args))
+    ran = 0
+    for stage in stages:
+        if stage.done():
+            print(f"=== {stage.name}: done already ({stage.run_dir})")
+            continue
+        if args.max_stages is not None and ran >= args.max_stages:
+            print(f"stopping after {ran} stage(s) (--max-stages); run the same command again to continue")
+            return 0
+        try:
+            run_stage(stage)
+        except subprocess.CalledProcessError as err:
+            print(f"stage '{stage.name}' failed (exit {err.returncode}): fix the problem and run the same command again",
+                  file=sys.stderr)
+            return 1
+        ran += 1
+    summarize(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Read evaluation results of run directories and draw the paper's Figure 2 (success vs exploration episodes).
+
+A run directory holds ``eval_results.json`` (written by :class:`lightning_modules.evaluation.MetaRolloutEvaluation`
+or ``python -m lightning_modules.evaluate``): ``{"evaluations": [{"step", "summary": {"success_per_episode",
+...}, "trials": [...]}, ...]}``. The main pipeline lays runs out as ``<root>/<method>/seed_<k>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_FILE = "eval_results.json"
+METHOD_LABELS = {"ours": "Ours", "no_expl": "No Expl", "no_cql": "No CQL"}
+
+
+@dataclass
+class MethodCurve:
+    """Success per episode index of one method: the mean over seeds and a 95% confidence half-width."""
+
+    label: str
+    seeds: list[str]
+    per_seed: np.ndarray  # [seeds, episodes]
+    trials: int           # trials per seed (smallest)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.per_seed.mean(axis=0)
+
+    @property
+    def ci95(self) -> np.ndarray:
+        """Across seeds (t-interval) when there are several; else the binomial interval over trials."""
+        n = self.per_seed.shape[0]
+        if n > 1:
+            t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 1.96)
+            return t * self.per_seed.std(axis=0, ddof=1) / math.sqrt(n)
+        p = self.per_seed[0]
+        return 1.96 * np.sqrt(p * (1 - p) / max(self.trials, 1))
+
+
+def load_evaluation(path: str | Path, which: str = "last") -> dict:
+    """One evaluation entry of a results JSON: the ``last`` one or the ``best`` by mean success after episode 1."""
+    data = json.loads(Path(path).read_text())
+    evaluations = data.get("evaluations") or []
+    if not evaluations:
+        raise ValueError(f"{path} holds no evaluations")
+    if which == "last":
+        return evaluations[-1]
+    if which == "best":
+        return max(evaluations, key=lambda e: np.mean(e["summary"]["success_per_episode"][1:] or [0.0]))
+    raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+
+
+def collect_curves(root: str | Path, which: str = "last") -> list[MethodCurve]:
+    """Every ``<root>/<method>/<seed>/eval_results.json``, grouped by method (known methods first)."""
+    root = Path(root)
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for path in sorted(root.glob(f"*/*/{RESULTS_FILE}")):
+        method, seed = path.parent.parent.name, path.parent.name
+        groups.setdefault(method, []).append((seed, load_evaluation(path, which)))
+    if not groups:
+        raise FileNotFoundError(f"no {RESULTS_FILE} under {root}/<method>/<seed>/")
+    order = [m for m in METHOD_LABELS if m in groups] + sorted(m for m in groups if m not in METHOD_LABELS)
+    curves = []
+    for method in order:
+        entries = groups[method]
+        episodes = min(len(e["summary"]["success_per_episode"]) for _, e in entries)
+        per_seed = np.array([e["summary"]["success_per_episode"][:episodes] for _, e in entries], dtype=float)
+        trials = min(int(e["summary"]["trials"]) for _, e in entries)
+        curves.append(MethodCurve(METHOD_LABELS.get(method, method), [s for s, _ in entries], per_seed, trials))
+    return curves
+
+
+def figure2(curves: list[MethodCurve], title: str = "Two drawers: success vs exploration episodes"):
+    """Matplotlib figure: success rate against episode index (1 = no exploration yet), 95% CI bands."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for curve in curves:
+        x = np.arange(1, curve.mean.shape[0] + 1)
+        ax.plot(x, curve.mean, marker="o", label=f"{curve.label} ({len(curve.seeds)} seed{'s' * (len(curve.seeds) > 1)})")
+        ax.fill_between(x, np.clip(curve.mean - curve.ci95, 0, 1), np.clip(curve.mean + curve.ci95, 0, 1), alpha=0.2)
+    ax.set_xlabel("episode of the trial (episodes before it = exploration rollouts)")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(np.arange(1, max(c.mean.shape[0] for c in curves) + 1))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def results_table(curves: list[MethodCurve]) -> str:
+    """Markdown table: success per episode (mean +- 95% CI) for each method."""
+    episodes = max(c.mean.shape[0] for c in curves)
+    lines = ["| method | seeds | trials/seed | " + " | ".join(f"episode {e + 1}" for e in range(episodes)) + " |",
+             "|---|---:|---:|" + "---:|" * episodes]
+    for c in curves:
+        cells = [f"{m:.2f} ± {h:.2f}" for m, h in zip(c.mean, c.ci95)]
+        lines.append(f"| {c.label} | {len(c.seeds)} | {c.trials} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""The main job end to end at tiny scale (every shipped training config through the real CLI), and the
+Figure-2 notebook executed on what it produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PHASE2 = """
+trainer:
+  max_steps: 2
+  limit_val_batches: 1
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_modules.evaluation.MetaRolloutEvaluation
+      init_args: {every_n_steps: 2, trials: 2, episodes: 2, seed: 0, video: false}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {monitor: eval/success_mean, mode: max, every_n_train_steps: 2, save_top_k: 1, save_last: true,
+                  filename: "best-{step}"}
+model:
+  init_args: {hidden_dim: 32, num_random: 4, belief_cache_batches: 2, refresh_every: 1, transition_batch_size: 32}
+"""
+TINY_DATA = ("--data.init_args.rollouts_per_task 4 --data.init_args.episode_length 10 --data.init_args.batch_size 4 "
+             "--data.init_args.batches_per_epoch 2 --data.init_args.val_batches 1")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_pipeline_all_methods_tiny_then_notebook(tmp_path):
+    overlay = tmp_path / "tiny_phase2.yaml"
+    overlay.write_text(TINY_PHASE2)
+    out, data = tmp_path / "out", tmp_path / "data"
+    cmd = [sys.executable, "-m", "lightning_modules.pipeline", "--methods", "ours", "no_expl", "no_cql",
+           "--out", str(out), "--data-root", str(data), "--data-args", "rollouts_per_task=4 env.episode_length=10",
+           "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
+           "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "2", "--episodes", "2"]
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "$ lightning fit --config configs/filter_quickstart.yaml --config configs/ablations/no_expl.yaml" in run.stdout
+    assert "--config configs/ablations/no_cql.yaml" in run.stdout
+    for method in ("ours", "no_expl", "no_cql"):
+        results = json.loads((out / method / "seed_0" / "eval_results.json").read_text())
+        assert len(results["evaluations"][-1]["summary"]["success_per_episode"]) == 2
+        assert (out / method / "seed_0" / "phase2" / "eval_results.json").exists()  # periodic evaluations
+    assert sorted(p.name for p in (out / "filters").iterdir()) == ["no_expl", "synthetic"]  # no_cql shares the filter
+    assert (out / "figure2.png").stat().st_size > 0 and "No Expl" in (out / "results.md").read_text()
+
+    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already") == 8  # 2 filters + 3 x (phase 2, evaluation); data re-checked
+
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "figure2.ipynb", as_version=4)
+    os.environ["FIGURE2_RUN_ROOT"], os.environ["FIGURE2_OUT"] = str(out), str(tmp_path / "fig.png")
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        os.environ.pop("FIGURE2_RUN_ROOT"), os.environ.pop("FIGURE2_OUT")
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "| Ours |" in printed and "| No CQL |" in printed
+
+
+def test_paper_configs_at_tiny_scale(tmp_path, tiny_pixel_dataset):
+    """configs/filter_paper.yaml and configs/cql_paper.yaml through the console script on 32 px pixels, CPU."""
+    root = str(tiny_pixel_dataset.root)
+    data = (f"--data.init_args.root {root} --data.init_args.image_size 32 --data.init_args.rollouts_per_task 3 "
+            "--data.init_args.episode_length 10 --data.init_args.batch_size 2 --data.init_args.batches_per_epoch 2 "
+            "--data.init_args.val_batches 1 --data.init_args.device null --data.init_args.in_memory false "
+            "--data.init_args.num_segments 2").split()
+    runs = tmp_path / "runs"
+    phase1 = [sys.executable, "-m", "lightning_modules.cli", "fit", "--config", "configs/filter_paper.yaml",
+              "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir",
+              str(runs), "--model.init_args.image_size", "32", "--model.init_args.cnn_depth", "8",
+              "--model.init_args.deter_dim", "16", "--model.init_args.stoch_dim", "4", "--model.init_args.hidden_dim", "16",
+              "--trainer.enable_model_summary", "false", *data]
+    run = subprocess.run(phase1, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    filter_ckpt = runs / "filter_paper" / "version_0" / "checkpoints" / "last.ckpt"
+    assert filter_ckpt.exists()
+    overlay = tmp_path / "tiny_phase2.yaml"
+    overlay.write_text(TINY_PHASE2)
+    phase2 = [sys.executable, "-m", "lightning_modules.cli", "fit", "--config", "configs/cql_paper.yaml", "--config",
+              str(overlay), "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(runs),
+              "--model.init_args.filter_checkpoint", str(filter_ckpt), *data]
+    run = subprocess.run(phase2, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (runs / "cql_paper" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert (runs / "cql_paper" / "version_0" / "eval_results.json").exists()
