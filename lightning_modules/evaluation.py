@@ -387,6 +387,9 @@ class MetaRolloutEvaluation(Callback):
             raise ValueError(f"every_n_steps must be >= 0, trials and episodes >= 1; got {every_n_steps}, {trials}, {episodes}")
         if success_metric not in SUCCESS_METRICS:
             raise ValueError(f"success_metric must be one of {SUCCESS_METRICS}, got {success_metric!r}")
+        known = {"eval/success_last", "eval/success_mean"} | {f"eval/success_ep{k + 1}" for k in range(episodes)}
+        if best_metric not in known:
+            raise ValueError(f"best_metric must be one of {sorted(known)}, got {best_metric!r}")
         self.every_n_steps = every_n_steps
         self.trials, self.episodes = trials, episodes
         self.num_envs = num_envs or min(trials, 32)
@@ -412,6 +415,8 @@ class MetaRolloutEvaluation(Callback):
                     raise ValueError(f"ModelCheckpoint(monitor={cb.monitor!r}) cannot monitor evaluation metrics with "
                                      f"{trainer.world_size} processes (they exist on rank 0 only and its save waits "
                                      f"for all ranks): use MetaRolloutEvaluation(save_best=True) instead")
+        # trainer.log_dir broadcasts under DDP: resolve it here, on every rank, never inside the rank-0-only evaluation
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -466,8 +471,6 @@ class MetaRolloutEvaluation(Callback):
                 logger.log_metrics(metrics, step=step)
         self._log_media(trainer, result, step)
         self._write_json(trainer, result, step)
-        if self.best_metric not in metrics:
-            raise ValueError(f"best_metric {self.best_metric!r} is not one of the evaluation metrics {sorted(metrics)}")
         score = metrics[self.best_metric]
         if self.save_best and (self.best_score is None or score > self.best_score):
             self._save_best(trainer)
@@ -491,7 +494,9 @@ class MetaRolloutEvaluation(Callback):
                     warnings.warn(f"evaluation video not logged: {err}", stacklevel=2)
 
     def run_dir(self, trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        """The run directory (resolved in ``setup`` on every rank: asking the trainer later would be a collective)."""
+        cached = getattr(self, "_run_dir", None)
+        return cached if cached is not None else Path(trainer.log_dir or trainer.default_root_dir)
 
     def _write_json(self, trainer: Trainer, result: EvalResult, step: int) -> None:
         entry = {"step": int(step), "epoch": int(trainer.current_epoch), **result.to_json()}

@@ -35,14 +35,25 @@ must then still exist) and the phase-2 state dict then overwrites the filter wei
 dataset's env parameters are stored too (``checkpoint["env_config"]``) for the evaluation.
 
 Optional belief cache (``belief_cache_batches > 0``): the beliefs, actions and rewards of the last
-``belief_cache_batches`` data batches are kept (a ring buffer, not checkpointed); a new data batch is filtered
+``belief_cache_batches`` data batches are kept (a ring buffer, saved in checkpoints as plain tensors under
+``checkpoint["belief_cache"]`` so that a resumed run samples from the same cache; under DDP the checkpoint holds
+rank 0's cache, which every rank then resumes from); a new data batch is filtered
 and inserted only every ``refresh_every`` steps (every step until the cache is full), and each update samples
 ``transition_batch_size`` random transitions from the whole cache. Without a cache every step filters its batch
 and samples ``transition_batch_size`` transitions from it (None: all ``B * (L - 1)``).
 
 Logs ``train/loss_qvalue``, ``train/loss_cql``, ``train/loss_actor``, ``train/loss_alpha``, ``train/alpha``,
 ``train/entropy``, ``train/q_data`` (mean Q of dataset actions), ``train/alpha_prime`` (Lagrange), the same
-``val/*`` on validation batches (no update).
+``val/*`` on validation batches (no update), and the training loss terms again under ``losses/*``
+(``losses/loss_qvalue``, ``losses/loss_cql``, ``losses/loss_actor``, ``losses/loss_alpha``, Lagrange:
+``losses/loss_alpha_prime``).
+
+Guards (as in phase 1, :mod:`lightning_modules.guards`): the loss terms are checked before backward
+(:func:`~lightning_modules.guards.check_finite`: a NaN/inf stops the run with a ``FloatingPointError`` naming the
+terms, e.g. ``losses/loss_qvalue=nan``). The randomness of a training step (transition sampling, the actor's
+samples, CQL's random actions) is drawn from the global RNG seeded by (``noise_seed``, stream, rank, global step,
+batch index) and restored afterwards, so a run resumed from a checkpoint (``noise_seed`` and the belief cache are
+saved in it, the normaliser's statistics are buffers) continues exactly as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import CQLLoss, SoftUpdate, ValueEstimators, group_optimizers
 
+from lightning_modules.guards import check_finite, derive_seed, seeded_rng
 from lightning_modules.networks import BELIEF, BeliefNormalizer, make_actor, make_qvalue, move_distribution_kwargs
 from lightning_modules.variational_filter import VariationalFilterModule
 
@@ -68,6 +80,7 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 # the frozen filter is in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
 LOSS_KEYS = ("loss_qvalue", "loss_cql", "loss_actor", "loss_alpha")
+TRAIN_NOISE, VAL_NOISE = 0, 1  # random streams of training and validation steps
 
 
 @contextmanager
@@ -218,6 +231,9 @@ class LatentCQLModule(pl.LightningModule):
         self._cache: dict[str, torch.Tensor] | None = None
         self._cache_filled = 0
         self._cache_next = 0
+        self._pending_cache: dict[str, Any] | None = None  # a cache restored from a checkpoint, not yet on device
+        # seed of the training noise: the seed_everything / manual_seed in force (draws nothing); kept in checkpoints
+        self.noise_seed = int(torch.initial_seed())
         self.target_updater()
 
     # ------------------------------------------------------------------ properties
@@ -326,6 +342,18 @@ class LatentCQLModule(pl.LightningModule):
         self._cache_next = (self._cache_next + B) % capacity
         self._cache_filled = min(capacity, self._cache_filled + B)
 
+    def _cache_state(self) -> dict[str, Any] | None:
+        """The belief cache as plain CPU tensors and ints (for checkpoints), None when there is none."""
+        if self._cache is None:
+            return self._pending_cache
+        return {**{k: v.detach().cpu().clone() for k, v in self._cache.items()},
+                "filled": int(self._cache_filled), "next": int(self._cache_next)}
+
+    def _restore_cache(self, state: dict[str, Any]) -> None:
+        self._cache = {k: state[k].to(self.device) for k in ("belief", "action", "reward")}
+        self._cache_filled, self._cache_next = int(state["filled"]), int(state["next"])
+        self._pending_cache = None
+
     def fit_normalizer(self, beliefs: torch.Tensor) -> None:
         """Fit the belief statistics on the first training batch (rank 0's under DDP, broadcast to all ranks)."""
         if bool(self.normalizer.ready) or not self.normalizer.enabled:
@@ -341,6 +369,8 @@ class LatentCQLModule(pl.LightningModule):
         hp = self.hparams
         n = hp.transition_batch_size
         if hp.belief_cache_batches > 0:
+            if self._cache is None and self._pending_cache is not None:
+                self._restore_cache(self._pending_cache)
             capacity = None if self._cache is None else self._cache["belief"].shape[0]
             if capacity is None or self._cache_filled < capacity or self.global_step % hp.refresh_every == 0:
                 beliefs = self.compute_beliefs(batch)
@@ -388,9 +418,20 @@ class LatentCQLModule(pl.LightningModule):
         return out
 
     # ------------------------------------------------------------------ training
+    def _noise(self, stream: int, index: int):
+        """The global RNG seeded for (noise_seed, stream, rank, index) inside the block, restored after."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return seeded_rng(derive_seed(self.noise_seed, stream, rank, index), self.device)
+
+    def _loss_keys(self) -> list[str]:
+        return [*LOSS_KEYS, *(["loss_alpha_prime"] if self.with_lagrange else [])]
+
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
-        transitions = self.normalize(self.sample_transitions(batch))
-        losses = self.compute_losses(transitions)
+        with self._noise(TRAIN_NOISE, derive_seed(self.global_step, batch_idx)):
+            transitions = self.normalize(self.sample_transitions(batch))
+            losses = self.compute_losses(transitions)
+        check_finite({"train/loss": losses["loss"], **{f"losses/{k}": losses[k] for k in self._loss_keys()}},
+                     self.global_step)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
@@ -400,12 +441,14 @@ class LatentCQLModule(pl.LightningModule):
         opt.step()
         self.target_updater().step()
         self._log("train", losses, transitions.batch_size[0])
+        self.log_dict({f"losses/{k}": losses[k].detach() for k in self._loss_keys()},
+                      batch_size=transitions.batch_size[0])
 
     def validation_step(self, batch: TensorDictBase, batch_idx: int) -> None:
         beliefs = self.compute_beliefs(batch)
         transitions = self.normalize(self.flat_transitions(beliefs, batch["action"].to(beliefs.device),
                                                            batch[REWARD].to(beliefs.device)))
-        with torch.no_grad():
+        with torch.no_grad(), self._noise(VAL_NOISE, batch_idx):
             losses = self.compute_losses(transitions)
         self._log("val", losses, transitions.batch_size[0])
 
@@ -471,10 +514,20 @@ class LatentCQLModule(pl.LightningModule):
         checkpoint["filter_hparams"] = _plain(dict(self.filter.hparams))
         checkpoint["env_config"] = _plain(self.env_config)
         checkpoint["data_config"] = _plain(self.data_config)
+        checkpoint["noise_seed"] = self.noise_seed  # a plain int
+        cache = self._cache_state()
+        if cache is not None:
+            checkpoint["belief_cache"] = cache  # plain tensors and ints
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.env_config = checkpoint.get("env_config", self.env_config)
         self.data_config = checkpoint.get("data_config", self.data_config)
+        if "noise_seed" in checkpoint:
+            self.noise_seed = int(checkpoint["noise_seed"])
+        # restored on the first training step (after Lightning moved the module to its device)
+        self._pending_cache = checkpoint.get("belief_cache") if self.hparams.belief_cache_batches > 0 else None
+        self._cache = None
+        self._cache_filled = self._cache_next = 0
         self._updater = None
 
     @classmethod

@@ -169,7 +169,7 @@ def trained_run(tiny_state_dataset, tmp_path_factory):
     filt = VariationalFilterModule(obs_keys=["state"], **SMALL_FILTER)
     torch.save({"state_dict": filt.state_dict(), "hyper_parameters": dict(filt.hparams)}, tmp / "filter.ckpt")
     model = LatentCQLModule(str(tmp / "filter.ckpt"), hidden_dim=32, transition_batch_size=64, num_random=4)
-    evaluation = MetaRolloutEvaluation(every_n_steps=2, trials=3, episodes=2, seed=0, video=True)
+    evaluation = MetaRolloutEvaluation(every_n_steps=2, trials=3, episodes=2, seed=0, video=True, save_best=True)
     ckpt = ModelCheckpoint(monitor="eval/success_last", mode="max", every_n_train_steps=2, save_top_k=1,
                            save_last=True, filename="best-{step}")
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp), name="cql"),
@@ -195,6 +195,13 @@ def test_callback_logs_and_writes_json(trained_run):
     # best checkpoint by the evaluation metric (monitorable), and last.ckpt
     assert trained_run.ckpt.best_model_path.endswith("best-step=2.ckpt") and Path(trained_run.ckpt.best_model_path).is_file()
     assert Path(trained_run.ckpt.last_model_path).is_file()
+    # the DDP-safe best checkpoint written by the callback itself (rank 0, no barrier)
+    best = Path(trained_run.ckpt.dirpath) / "best_eval.ckpt"
+    from lightning_modules.latent_cql import LatentCQLModule
+
+    assert best.is_file() and LatentCQLModule.load_phase2(best).env_config["obs_mode"] == "state"
+    with pytest.raises(ValueError, match="best_metric"):
+        MetaRolloutEvaluation(best_metric="eval/success_ep4", episodes=3)
     # figure and video went to TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

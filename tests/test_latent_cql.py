@@ -378,5 +378,11 @@ def test_cli_fit_quickstart_config(filter_ckpt, tiny_state_dataset, tmp_path):
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "eval_results.json").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and list((run_dir / "checkpoints").glob("best-step=2*.ckpt"))
+    assert "filter_hparams" not in model.hparams
     restored = LatentCQLModule.load_phase2(run_dir / "checkpoints" / "last.ckpt")
     assert restored.filter.hparams.deter_dim == SMALL_FILTER["deter_dim"]
+    # Lightning's loader re-instantiates through the CLI's instantiator: the filter must keep its own hparams too
+    loaded = LatentCQLModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert loaded.filter.hparams.obs_keys == ["state"]
+    beliefs = torch.randn(3, model.filter.belief_dim)
+    torch.testing.assert_close(loaded.act(beliefs), restored.act(beliefs))
