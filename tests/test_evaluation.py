@@ -22,14 +22,6 @@ SMALL_FILTER = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, sta
 STATE_ENV = EnvConfig(obs_mode="state", episode_length=40)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def state_filter():
     torch.manual_seed(0)

@@ -19,15 +19,6 @@ SMALL_FILTER = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, sta
 SMALL_CQL = dict(hidden_dim=32, transition_batch_size=64, num_random=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are latency-bound: one thread is much faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_datamodule(dataset, **kw):
     from datamodules import MetaExplorationDataModule
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "filter_quickstart.yaml"
@@ -41,14 +42,6 @@ lr_scheduler:
   init_args:
     gamma: 0.5
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------- running the CLI
@@ -212,27 +205,6 @@ def test_resume_continues_exactly(tmp_path, full_run, tiny_state_dataset):
 
 
 # ---------------------------------------------------------------------- NaN guard
-def _datamodule(dataset, cls=None, **kw):
-    from datamodules import MetaExplorationDataModule
-
-    env = dataset.env_config
-    args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size, obs_keys=["state"],
-                episode_length=env.episode_length, rollouts_per_task=dataset.rollouts_per_task, num_segments=2,
-                batch_size=2, batches_per_epoch=3, val_batches=1)
-    args.update(kw)
-    return (cls or MetaExplorationDataModule)(**args)
-
-
-def _trainer(tmp_path, **kw):
-    import lightning.pytorch as pl
-
-    args = dict(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                limit_val_batches=0, default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
-
-
 def test_check_finite_names_every_bad_term():
     from lightning_modules.guards import check_finite
 
@@ -294,7 +266,7 @@ def test_wrong_key_on_the_command_line_is_named():
 
 
 @pytest.mark.parametrize("typo", [("    beta: 10.0\n", "    bta: 10.0\n", "bta"),
-                                  ("  max_steps: 3000\n", "  max_step: 3000\n", "max_step")],
+                                  ("\n  max_steps:", "\n  max_step:", "max_step")],
                          ids=["model", "trainer"])
 def test_typo_in_a_yaml_config_is_named(tmp_path, typo):
     right, wrong, key = typo

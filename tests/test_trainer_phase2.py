@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "cql_quickstart.yaml"
@@ -50,14 +51,6 @@ trainer:
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- running the CLI (as in test_trainer_phase1)
 def lightning_command() -> list[str]:
     """The installed console script (next to this interpreter, else on PATH), else ``python -m``."""
@@ -89,27 +82,6 @@ def scalars(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
-
-
-def _datamodule(dataset, cls=None, **kw):
-    from datamodules import MetaExplorationDataModule
-
-    env = dataset.env_config
-    args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size, obs_keys=["state"],
-                episode_length=env.episode_length, rollouts_per_task=dataset.rollouts_per_task, num_segments=2,
-                batch_size=2, batches_per_epoch=3, val_batches=1)
-    args.update(kw)
-    return (cls or MetaExplorationDataModule)(**args)
-
-
-def _trainer(tmp_path, **kw):
-    import lightning.pytorch as pl
-
-    args = dict(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                limit_val_batches=0, default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 @pytest.fixture(scope="module")

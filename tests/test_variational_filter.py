@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8, cnn_depth=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are latency-bound: one thread is much faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sample(dataset, batch_size=3, num_segments=3, seed=0, obs_keys=None):
     from datamodules import MetaExplorationSampler, SamplerConfig
 
