@@ -1,6 +1,22 @@
-"""Helpers shared by the trainer tests: a tiny state DataModule and a quiet CPU Trainer."""
+"""Helpers shared by the tests: the `lightning` command, a tiny state DataModule and a quiet CPU Trainer."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+def lightning_command() -> list[str]:
+    """The installed console script (next to this interpreter, else on PATH), else ``python -m``."""
+    beside = Path(sys.executable).parent / "lightning"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    on_path = shutil.which("lightning")
+    if on_path is not None:
+        return [on_path]
+    return [sys.executable, "-m", "lightning_modules.cli"]
 
 
 def tiny_datamodule(dataset, cls=None, **kw):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+from helpers import lightning_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,17 +16,6 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
-
-
-def lightning_command() -> list[str]:
-    """The installed console script (next to this interpreter, else on PATH), else ``python -m``."""
-    beside = Path(sys.executable).parent / "lightning"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
-    on_path = shutil.which("lightning")
-    if on_path is not None:
-        return [on_path]
-    return [sys.executable, "-m", "lightning_modules.cli"]
 
 
 def run(command: list[str], *args: str) -> subprocess.CompletedProcess:

@@ -9,14 +9,13 @@ rollouts x 40 steps, the config's episode length), so no run collects data.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
+from helpers import lightning_command, cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "filter_quickstart.yaml"
@@ -45,17 +44,6 @@ lr_scheduler:
 
 
 # ---------------------------------------------------------------------- running the CLI
-def lightning_command() -> list[str]:
-    """The installed console script (next to this interpreter, else on PATH), else ``python -m``."""
-    beside = Path(sys.executable).parent / "lightning"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
-    on_path = shutil.which("lightning")
-    if on_path is not None:
-        return [on_path]
-    return [sys.executable, "-m", "lightning_modules.cli"]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
+from helpers import lightning_command, cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "cql_quickstart.yaml"
@@ -52,15 +51,6 @@ trainer:
 
 
 # ---------------------------------------------------------------------- running the CLI (as in test_trainer_phase1)
-def lightning_command() -> list[str]:
-    """The installed console script (next to this interpreter, else on PATH), else ``python -m``."""
-    beside = Path(sys.executable).parent / "lightning"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
-    on_path = shutil.which("lightning")
-    return [on_path] if on_path is not None else [sys.executable, "-m", "lightning_modules.cli"]
-
-
 def lightning(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
