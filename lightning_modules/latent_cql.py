@@ -134,6 +134,8 @@ class LatentCQLModule(pl.LightningModule):
     Args:
         filter_checkpoint: phase-1 checkpoint (a ``VariationalFilterModule``); must exist (checked first).
         gamma: discount. tau: Polyak factor of the target critics.
+        n_step: bootstrap after n logged steps (discounted n-step reward sums from the offline sequences, TD target
+            discounted by ``gamma ** n_step``); 1 = one-step TD.
         conservative: add the CQL term; False (or ``cql_weight == 0``) gives the "No CQL" ablation.
         cql_weight: weight of the conservative term (TorchRL's ``min_q_weight``; the paper's beta).
         cql_temperature, num_random: CQL's logsumexp temperature and number of sampled actions per belief.
@@ -158,6 +160,7 @@ class LatentCQLModule(pl.LightningModule):
         self,
         filter_checkpoint: str,
         gamma: float = 0.99,
+        n_step: int = 1,
         tau: float = 0.005,
         conservative: bool = True,
         cql_weight: float = 1.0,
@@ -195,6 +198,8 @@ class LatentCQLModule(pl.LightningModule):
         problems = []
         if not 0.0 <= gamma <= 1.0:
             problems.append(f"gamma must be in [0, 1], got {gamma}")
+        if n_step < 1:
+            problems.append(f"n_step must be >= 1, got {n_step}")
         if not 0.0 < tau <= 1.0:
             problems.append(f"tau must be in (0, 1], got {tau}")
         if cql_weight < 0:
@@ -224,7 +229,8 @@ class LatentCQLModule(pl.LightningModule):
             min_q_weight=cql_weight, max_q_backup=max_q_backup, deterministic_backup=deterministic_backup,
             num_random=num_random, with_lagrange=with_lagrange and self.conservative, lagrange_thresh=lagrange_thresh,
         )
-        self.loss_module.make_value_estimator(ValueEstimators.TD0, gamma=gamma)
+        # n-step transitions carry the discounted reward sum; the TD target discounts their successor by gamma^n
+        self.loss_module.make_value_estimator(ValueEstimators.TD0, gamma=gamma ** n_step)
         self._updater: SoftUpdate | None = None
         self.env_config: dict[str, Any] | None = None  # the dataset's env parameters (set in setup, checkpointed)
         self.data_config: dict[str, Any] | None = None
@@ -296,27 +302,39 @@ class LatentCQLModule(pl.LightningModule):
 
     @staticmethod
     def flat_transitions(beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                         index: torch.Tensor | None = None) -> TensorDict:
-        """Transitions (b_t, a_t, r_{t+1}, b_{t+1}) for t < L-1 from sequences [B, L, ...] as a flat TensorDict.
+                         index: torch.Tensor | None = None, n_step: int = 1, gamma: float = 1.0) -> TensorDict:
+        """Transitions from sequences [B, L, ...] as a flat TensorDict (beliefs raw, not standardised).
 
-        ``index`` (optional) selects flat transitions (``row * (L - 1) + t``). Beliefs are raw (not standardised).
+        ``n_step = 1``: (b_t, a_t, r_{t+1}, b_{t+1}) for t < L-1. ``n_step = n``: (b_t, a_t, R, b_{t+n}) with the
+        discounted sum ``R = sum_{k<n} gamma^k r_{t+1+k}`` of the logged rewards, for t < L-n (the TD target
+        then discounts by ``gamma ** n``). ``index`` (optional) selects flat transitions (``row * (L - n) + t``).
         done / terminated are False everywhere (segment boundaries are not terminal).
         """
         B, L = beliefs.shape[:2]
-        if L < 2:
-            raise ValueError(f"sequences need at least 2 steps to make a transition, got L={L}")
+        if n_step < 1 or L <= n_step:
+            raise ValueError(f"sequences need more than n_step={n_step} steps to make a transition, got L={L}")
+        span = L - n_step
         if index is None:
-            b, nb = beliefs[:, :-1].reshape(-1, beliefs.shape[-1]), beliefs[:, 1:].reshape(-1, beliefs.shape[-1])
-            a = actions[:, :-1].reshape(-1, actions.shape[-1])
-            r = rewards[:, :-1].reshape(-1, 1)
+            index = torch.arange(B * span, device=beliefs.device)
+        row, t = index // span, index % span
+        b, nb, a = beliefs[row, t], beliefs[row, t + n_step], actions[row, t]
+        if n_step == 1:
+            r = rewards[row, t].reshape(-1, 1)
         else:
-            row, t = index // (L - 1), index % (L - 1)
-            b, nb, a, r = beliefs[row, t], beliefs[row, t + 1], actions[row, t], rewards[row, t].reshape(-1, 1)
+            steps = torch.arange(n_step, device=beliefs.device)
+            discounts = torch.full((n_step,), float(gamma), device=beliefs.device) ** steps
+            window = rewards[row[:, None], t[:, None] + steps].reshape(len(index), n_step).float()
+            r = (window * discounts).sum(-1, keepdim=True)
         n = b.shape[0]
         false = torch.zeros(n, 1, dtype=torch.bool, device=b.device)
         return TensorDict({BELIEF: b, "action": a.float(),
                            "next": {BELIEF: nb, "reward": r.float(), "done": false, "terminated": false.clone()}},
                           batch_size=[n], device=b.device)
+
+    def transitions(self, beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+                    index: torch.Tensor | None = None) -> TensorDict:
+        """:meth:`flat_transitions` with this module's ``n_step`` and ``gamma``."""
+        return self.flat_transitions(beliefs, actions, rewards, index, self.hparams.n_step, self.hparams.gamma)
 
     def normalize(self, td: TensorDictBase) -> TensorDictBase:
         """Standardise ``belief`` and ``("next", "belief")`` (a new TensorDict; the input is left as it is)."""
@@ -377,14 +395,14 @@ class LatentCQLModule(pl.LightningModule):
                 self.fit_normalizer(beliefs)
                 self._insert_cache(beliefs, batch)
             cache, rows, L = self._cache, self._cache_filled, self._cache["belief"].shape[1]
-            index = torch.randint(rows * (L - 1), (n,), device=cache["belief"].device)
-            return self.flat_transitions(cache["belief"][:rows], cache["action"][:rows], cache["reward"][:rows], index)
+            index = torch.randint(rows * (L - hp.n_step), (n,), device=cache["belief"].device)
+            return self.transitions(cache["belief"][:rows], cache["action"][:rows], cache["reward"][:rows], index)
         beliefs = self.compute_beliefs(batch)
         self.fit_normalizer(beliefs)
         actions, rewards = batch["action"].to(beliefs.device), batch[REWARD].to(beliefs.device)
         B, L = beliefs.shape[:2]
-        index = None if n is None else torch.randint(B * (L - 1), (n,), device=beliefs.device)
-        return self.flat_transitions(beliefs, actions, rewards, index)
+        index = None if n is None else torch.randint(B * (L - hp.n_step), (n,), device=beliefs.device)
+        return self.transitions(beliefs, actions, rewards, index)
 
     # ------------------------------------------------------------------ losses
     def compute_losses(self, transitions: TensorDictBase) -> dict[str, torch.Tensor]:
@@ -446,7 +464,7 @@ class LatentCQLModule(pl.LightningModule):
 
     def validation_step(self, batch: TensorDictBase, batch_idx: int) -> None:
         beliefs = self.compute_beliefs(batch)
-        transitions = self.normalize(self.flat_transitions(beliefs, batch["action"].to(beliefs.device),
+        transitions = self.normalize(self.transitions(beliefs, batch["action"].to(beliefs.device),
                                                            batch[REWARD].to(beliefs.device)))
         with torch.no_grad(), self._noise(VAL_NOISE, batch_idx):
             losses = self.compute_losses(transitions)

@@ -107,7 +107,8 @@ def _pretty(argv: list[str]) -> str:
 
 
 def _best_checkpoint(run_dir: Path) -> Path:
-    """The best-by-evaluation phase-2 checkpoint (``best-*.ckpt``), else ``last.ckpt``."""
+    """The best-by-evaluation phase-2 checkpoint (``best_eval.ckpt`` of the shipped configs, or a ``best-*.ckpt`` of a
+    ModelCheckpoint monitoring ``eval/*``), else ``last.ckpt``."""
     ckpts = run_dir / "checkpoints"
     best = sorted(ckpts.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
     return best[-1] if best else ckpts / "last.ckpt"

@@ -105,6 +105,27 @@ def test_transitions_alignment_and_no_terminal(filter_ckpt, batch):
         torch.testing.assert_close(sub[key], td[key][index])
 
 
+def test_n_step_transitions(filter_ckpt, batch):
+    """n-step: the discounted sum of the next n logged rewards, the belief n steps on, across segment boundaries."""
+    model = _model(filter_ckpt, n_step=3, gamma=0.9)
+    beliefs = model.compute_beliefs(batch)
+    B, L, _ = beliefs.shape
+    rewards = torch.rand(B, L, 1)  # any values: checks the window and the discounts
+    td = model.transitions(beliefs, batch["action"], rewards)
+    assert td.batch_size == torch.Size([B * (L - 3)])  # the last 3 steps have no 3-step successor
+    for b, t in [(0, 0), (1, L // 2 - 2), (B - 1, L - 4)]:  # the middle one straddles the segment boundary
+        i = b * (L - 3) + t
+        expected = rewards[b, t] + 0.9 * rewards[b, t + 1] + 0.81 * rewards[b, t + 2]
+        torch.testing.assert_close(td["next", "reward"][i], expected)
+        torch.testing.assert_close(td[BELIEF][i], beliefs[b, t])
+        torch.testing.assert_close(td["next", BELIEF][i], beliefs[b, t + 3])
+        torch.testing.assert_close(td["action"][i], batch["action"][b, t])
+    # the TD target bootstraps with gamma ** n
+    assert float(model.loss_module.value_estimator.gamma) == pytest.approx(0.9 ** 3)
+    with pytest.raises(ValueError, match="n_step"):
+        _model(filter_ckpt, n_step=0)
+
+
 def test_beliefs_are_the_filters(filter_ckpt, batch):
     model = _model(filter_ckpt)
     reference = load_filter(filter_ckpt)
@@ -368,7 +389,8 @@ def test_cli_fit_quickstart_config(filter_ckpt, tiny_state_dataset, tmp_path):
     assert cli.trainer.global_step == 2
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "eval_results.json").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and list((run_dir / "checkpoints").glob("best-step=2*.ckpt"))
+    # the shipped config keeps the best-by-evaluation model as best_eval.ckpt (DDP-safe) besides last.ckpt
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best_eval.ckpt").is_file()
     assert "filter_hparams" not in model.hparams
     restored = LatentCQLModule.load_phase2(run_dir / "checkpoints" / "last.ckpt")
     assert restored.filter.hparams.deter_dim == SMALL_FILTER["deter_dim"]
