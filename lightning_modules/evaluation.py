@@ -301,6 +301,15 @@ def run_trials(model: Any, env_config: EnvConfig | dict[str, Any] | None = None,
 
 
 # ---------------------------------------------------------------------- outputs
+def _earlier_evaluations(path: Path, step: int) -> list[dict[str, Any]]:
+    """The evaluations at steps <= ``step`` in an existing results file (none when it is missing or unreadable)."""
+    try:
+        previous = json.loads(Path(path).read_text()).get("evaluations", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [e for e in previous if isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] <= step]
+
+
 def write_results(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -406,6 +415,7 @@ class MetaRolloutEvaluation(Callback):
         self._runner: TrialRunner | None = None
         self._last_step: int | None = None
         self.results_path: Path | None = None
+        self._start_step = 0
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -417,6 +427,9 @@ class MetaRolloutEvaluation(Callback):
                                      f"for all ranks): use MetaRolloutEvaluation(save_best=True) instead")
         # trainer.log_dir broadcasts under DDP: resolve it here, on every rank, never inside the rank-0-only evaluation
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_step = trainer.global_step  # > 0 when resumed from a checkpoint
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -500,8 +513,10 @@ class MetaRolloutEvaluation(Callback):
 
     def _write_json(self, trainer: Trainer, result: EvalResult, step: int) -> None:
         entry = {"step": int(step), "epoch": int(trainer.current_epoch), **result.to_json()}
-        self.history.append(entry)
         self.results_path = self.run_dir(trainer) / self.results_file
+        if not self.history:  # a resumed run keeps the evaluations up to the step it resumed from
+            self.history = _earlier_evaluations(self.results_path, min(step - 1, self._start_step))
+        self.history.append(entry)
         write_results(self.results_path, {"env_config": self._runner.env_config.to_dict() if self._runner else None,
                                           "evaluations": self.history})
 

@@ -205,6 +205,27 @@ def test_callback_logs_and_writes_json(trained_run):
     assert "eval/trial0" in tags["images"]  # add_video writes a GIF image summary
 
 
+def test_resumed_run_keeps_earlier_evaluations(trained_run, tiny_state_dataset):
+    """Resuming from the step-2 checkpoint into the same run directory: eval_results.json keeps the step-2 entry,
+    drops the step-3 one of the abandoned continuation and appends the new evaluations."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_modules.latent_cql import LatentCQLModule
+
+    run_dir = Path(trained_run.trainer.log_dir)
+    resume_from = Path(trained_run.ckpt.dirpath) / "best-step=2.ckpt"
+    evaluation = MetaRolloutEvaluation(every_n_steps=2, trials=2, episodes=1, seed=0, video=False, plot=False)
+    logger = TensorBoardLogger(str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=logger, callbacks=[evaluation],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    model = LatentCQLModule(str(trained_run.tmp / "filter.ckpt"), hidden_dim=32, transition_batch_size=64, num_random=4)
+    trainer.fit(model, datamodule=_datamodule(tiny_state_dataset), ckpt_path=str(resume_from))
+    data = json.loads((run_dir / "eval_results.json").read_text())
+    assert [e["step"] for e in data["evaluations"]] == [2, 4]
+    assert len(data["evaluations"][0]["trials"]) == 3 and len(data["evaluations"][1]["trials"]) == 2
+
+
 def test_evaluate_cli(trained_run, tmp_path):
     from lightning_modules.evaluate import main
 
