@@ -318,13 +318,10 @@ class LatentCQLModule(pl.LightningModule):
             index = torch.arange(B * span, device=beliefs.device)
         row, t = index // span, index % span
         b, nb, a = beliefs[row, t], beliefs[row, t + n_step], actions[row, t]
-        if n_step == 1:
-            r = rewards[row, t].reshape(-1, 1)
-        else:
-            steps = torch.arange(n_step, device=beliefs.device)
-            discounts = torch.full((n_step,), float(gamma), device=beliefs.device) ** steps
-            window = rewards[row[:, None], t[:, None] + steps].reshape(len(index), n_step).float()
-            r = (window * discounts).sum(-1, keepdim=True)
+        steps = torch.arange(n_step, device=beliefs.device)
+        discounts = torch.full((n_step,), float(gamma), device=beliefs.device) ** steps
+        window = rewards[row[:, None], t[:, None] + steps].reshape(len(index), n_step).float()
+        r = (window * discounts).sum(-1, keepdim=True)
         n = b.shape[0]
         false = torch.zeros(n, 1, dtype=torch.bool, device=b.device)
         return TensorDict({BELIEF: b, "action": a.float(),

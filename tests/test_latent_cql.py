@@ -9,10 +9,10 @@ import pytest
 import torch
 from tensordict import TensorDictBase
 
-import lightning.pytorch as pl
 from lightning_modules.latent_cql import LatentCQLModule, load_filter
 from lightning_modules.networks import BELIEF
 from lightning_modules.variational_filter import VariationalFilterModule
+from helpers import cpu_trainer  # noqa: E402
 
 SMALL_FILTER = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8,
                     cnn_depth=8)
@@ -31,11 +31,7 @@ def make_datamodule(dataset, **kw):
 
 
 def make_trainer(tmp_path, **kw):
-    args = dict(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                limit_val_batches=0, default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
+    return cpu_trainer(tmp_path, **{"max_steps": 3, **kw})
 
 
 def train_filter_checkpoint(dataset, path: Path, obs_keys=("state",), steps: int = 3) -> Path:
