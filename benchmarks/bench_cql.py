@@ -33,8 +33,8 @@ select_headless_gl()
 import torch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 
-from lightning_modules.latent_cql import LatentCQLModule  # noqa: E402
-from lightning_modules.networks import BELIEF  # noqa: E402
+from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
+from lightning_modules.cql.networks import BELIEF  # noqa: E402
 
 
 def make_model(args: argparse.Namespace, obs_keys=("state",), stoch=None, deter=None, image_size=64) -> LatentCQLModule:
@@ -103,7 +103,7 @@ def sync(device: torch.device) -> None:
 
 def bench_eval(args: argparse.Namespace, obs: str) -> dict:
     from envs.two_drawers import EnvConfig
-    from lightning_modules.evaluation import TrialRunner
+    from lightning_modules.evaluation.runner import TrialRunner
 
     if obs == "state":  # the quickstart filter (configs/filter_quickstart.yaml)
         model = make_model(args, ("state",), stoch=16, deter=64)

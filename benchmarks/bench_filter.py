@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 
-from lightning_modules.variational_filter import VariationalFilterModule  # noqa: E402
+from lightning_modules.filter.module import VariationalFilterModule  # noqa: E402
 
 
 def make_batch(obs: str, B: int, L: int, image_size: int, device: torch.device) -> TensorDict:
@@ -48,7 +48,7 @@ def bench(obs: str, args: argparse.Namespace, compiled: bool) -> dict:
     model = VariationalFilterModule(obs_keys=[obs], image_size=args.image_size, deter_dim=args.deter_dim,
                                     stoch_dim=args.stoch_dim, hidden_dim=args.hidden_dim, compile=compiled).to(device)
     batch = make_batch(obs, args.batch_size, args.length, args.image_size, device)
-    model._init_state_stats(batch)
+    model.filter.fit_state_stats(batch)
     opt = model.configure_optimizers()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 

@@ -162,6 +162,9 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         self.root = Path(root)
         self.env = EnvConfig(obs_mode=obs_mode, image_size=image_size, episode_length=episode_length)
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
+        # the keys delivered, as a plain list: a model's hparam of the same name (linked by the CLI) must be equal
+        self.hparams["obs_keys"] = list(self.obs_keys)
+        self._hparams_initial["obs_keys"] = list(self.obs_keys)
         self.sampler_config = SamplerConfig(batch_size=batch_size, num_segments=num_segments,
                                             segment_length=segment_length, mode=mode, obs_keys=self.obs_keys)
         if mode not in MODES:

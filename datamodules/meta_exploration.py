@@ -22,11 +22,11 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import IterableDataset, get_worker_info
 
+from envs.keys import ACTION, OBS_KEYS, ORIGINAL_REWARD, REWARD, ROLLOUT, SEGMENT, SEGMENT_START, STEP, TARGET_TASK, TASK
+from envs.seeding import derive_seed
+
 MODES = ("synthetic", "no_expl")
-OBS_KEYS = ("pixels", "state")
-REWARD = ("next", "reward")
-ORIGINAL_REWARD = ("next", "original_reward")
-_GATHERED = ("action", REWARD)  # gathered besides the observations
+_GATHERED = (ACTION, REWARD)  # gathered besides the observations
 
 
 class SampleIndices(NamedTuple):
@@ -162,10 +162,6 @@ class MetaExplorationSampler:
         """L = K * T."""
         return self.config.num_segments * self.segment_length
 
-    @property
-    def frames_per_batch(self) -> int:
-        return self.config.batch_size * self.sequence_length
-
     # ------------------------------------------------------------------ sampling
     def sample_indices(self, generator: torch.Generator) -> SampleIndices:
         """Draw the task, rollout, crop offset and target indices of one batch (CPU, reproducible)."""
@@ -230,16 +226,16 @@ class MetaExplorationSampler:
         fields: dict[Any, torch.Tensor] = dict(out)
         fields[REWARD] = torch.where((task == target)[..., None], original, torch.zeros((), dtype=original.dtype, device=out_device))
         fields[ORIGINAL_REWARD] = original
-        fields["segment_start"] = (step == step.view(B, K, T)[..., :1].expand(B, K, T).reshape(B, L))[..., None]
-        fields["task"], fields["target_task"], fields["segment"] = task, target, segment
-        fields["rollout"], fields["step"] = rollout, step
+        fields[SEGMENT_START] = (step == step.view(B, K, T)[..., :1].expand(B, K, T).reshape(B, L))[..., None]
+        fields[TASK], fields[TARGET_TASK], fields[SEGMENT] = task, target, segment
+        fields[ROLLOUT], fields[STEP] = rollout, step
         return TensorDict(fields, batch_size=[B, L], device=out_device)
 
 
 # ---------------------------------------------------------------------- streams
 def batch_seed(seed: int, stream: int, rank: int, index: int) -> int:
     """The generator seed of batch ``index`` of a stream (independent of worker count and order)."""
-    return int(np.random.SeedSequence([seed, stream, rank, index]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed(seed, stream, rank, index)
 
 
 def batch_generator(seed: int, stream: int, rank: int, index: int) -> torch.Generator:

@@ -1,7 +1,7 @@
 """Collect the offline per-task datasets with the scripted behaviour policies.
 
     python -m envs.collect                                   # small embedded default -> data/quickstart
-    python -m envs.collect --config configs/data/two_drawers.yaml [key=value ...]
+    python -m envs.collect --config configs/collect/two_drawers.yaml [key=value ...]
 
 Rollout ``j`` of task ``i`` always uses the seed derived from (seed, i, j), so a killed run started again
 re-collects only the unfinished rollouts and ends with exactly the dataset an uninterrupted run makes.
@@ -41,6 +41,8 @@ from envs.dataset import (  # noqa: E402
     read_metadata,
 )
 from envs.scripted import DrawerOpener  # noqa: E402
+from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED  # noqa: E402
+from envs.seeding import derive_seed  # noqa: E402
 from envs.tiled_render import TiledRenderer  # noqa: E402
 from envs.two_drawers import EnvConfig, SawyerTwoDrawersEnv  # noqa: E402
 
@@ -61,12 +63,7 @@ class CollectConfig:
 
 def rollout_seed(seed: int, task: int, index: int) -> int:
     """The seed of rollout ``index`` of task ``task`` (independent of worker count and order)."""
-    return int(np.random.SeedSequence([seed, task, index]).generate_state(1)[0])
-
-
-def run_rollout(env: SawyerTwoDrawersEnv, task: int, seed: int, noise_std: float) -> TensorDict:
-    """One episode of the scripted opener of drawer ``task``, as a TensorDict of batch size [T]."""
-    return run_rollouts([env], [task], [seed], noise_std)[0]
+    return derive_seed(seed, task, index, bits=32)
 
 
 def run_rollouts(
@@ -95,21 +92,21 @@ def run_rollouts(
             datas = [env.data for env in envs[:n]]
             frames = renderer.render(datas + [datas[-1]] * (renderer.num_envs - n))
             for i in range(n):
-                obs[i]["pixels"] = frames[i]
+                obs[i][PIXELS] = frames[i]
         for i, env in enumerate(envs[:n]):
-            if "pixels" in keys:
-                add(i, "pixels", obs[i]["pixels"].transpose(2, 0, 1))
-            if "state" in keys:
-                add(i, "state", obs[i]["state"])
+            if PIXELS in keys:
+                add(i, PIXELS, obs[i][PIXELS].transpose(2, 0, 1))
+            if STATE in keys:
+                add(i, STATE, obs[i][STATE])
             action = policies[i](env)
             obs[i], reward, terminated, truncated, info = env.step(action)
-            add(i, "action", action)
-            add(i, ("next", "reward"), [reward])
-            add(i, ("next", "terminated"), [terminated])
-            add(i, ("next", "truncated"), [truncated])
-            add(i, ("next", "done"), [terminated or truncated])
-            add(i, ("next", "success"), [info["success"]])
-            add(i, "task", tasks[i])
+            add(i, ACTION, action)
+            add(i, REWARD, [reward])
+            add(i, TERMINATED, [terminated])
+            add(i, TRUNCATED, [truncated])
+            add(i, DONE, [terminated or truncated])
+            add(i, SUCCESS, [info["success"]])
+            add(i, TASK, tasks[i])
     t = envs[0].config.episode_length
     return [
         TensorDict({k: torch.from_numpy(np.stack(v)) for k, v in record.items()}, batch_size=[t]).apply(
@@ -124,7 +121,7 @@ class _Writer:
 
     def __init__(self, root: str, meta: dict[str, Any], envs_per_worker: int = 1):
         self.meta = DatasetMetadata.from_dict(meta)
-        tiled = envs_per_worker > 1 and "pixels" in obs_keys(self.meta.env)
+        tiled = envs_per_worker > 1 and PIXELS in obs_keys(self.meta.env)
         self.envs = [SawyerTwoDrawersEnv(self.meta.env, render_observations=not tiled) for _ in range(envs_per_worker)]
         self.renderer = TiledRenderer(self.envs[0].model, self.meta.env.image_size, envs_per_worker) if tiled else None
         n = self.meta.rollouts_per_task
@@ -263,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(dataset)
     if config.preview:
-        if "pixels" in obs_keys(env):
+        if PIXELS in obs_keys(env):
             from envs.preview import write_preview
 
             path = write_preview(dataset, Path(config.root) / "preview.png")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from envs.atomic import write_json_atomic
+from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED, obs_keys_for
 from envs.two_drawers import ACTION_DIM, NUM_TASKS, STATE_DIM, EnvConfig
 
 FORMAT_VERSION = 1
@@ -91,7 +93,7 @@ class DatasetMetadata:
 
 def obs_keys(env: EnvConfig) -> tuple[str, ...]:
     """Observation keys stored for an env configuration."""
-    return {"pixels": ("pixels",), "state": ("state",), "pixels_state": ("pixels", "state")}[env.obs_mode]
+    return obs_keys_for(env.obs_mode)
 
 
 def empty_rollouts(env: EnvConfig, n: int) -> TensorDict:
@@ -102,27 +104,17 @@ def empty_rollouts(env: EnvConfig, n: int) -> TensorDict:
         return torch.zeros((), dtype=dtype).expand(n, t, *shape)
 
     fields: dict[Any, torch.Tensor] = {
-        "action": zeros(ACTION_DIM),
-        "task": zeros(dtype=torch.int64),
-        ("next", "reward"): zeros(1),
+        ACTION: zeros(ACTION_DIM),
+        TASK: zeros(dtype=torch.int64),
+        REWARD: zeros(1),
     }
-    for key in ("done", "terminated", "truncated", "success"):
-        fields[("next", key)] = zeros(1, dtype=torch.bool)
-    if "pixels" in obs_keys(env):
-        fields["pixels"] = zeros(3, size, size, dtype=torch.uint8)
-    if "state" in obs_keys(env):
-        fields["state"] = zeros(STATE_DIM)
+    for key in (DONE, TERMINATED, TRUNCATED, SUCCESS):
+        fields[key] = zeros(1, dtype=torch.bool)
+    if PIXELS in obs_keys(env):
+        fields[PIXELS] = zeros(3, size, size, dtype=torch.uint8)
+    if STATE in obs_keys(env):
+        fields[STATE] = zeros(STATE_DIM)
     return TensorDict(fields, batch_size=[n, t])
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_metadata(root: str | os.PathLike) -> DatasetMetadata:

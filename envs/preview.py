@@ -9,18 +9,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from envs.dataset import OfflineDataset
+from envs.keys import PIXELS
 
 
 def preview_grid(dataset: OfflineDataset, rollouts_per_task: int = 2, columns: int = 8) -> np.ndarray:
     """uint8 [rows*H, columns*W, 3]: ``rollouts_per_task`` rows per task, frames evenly spaced in time."""
-    if "pixels" not in dataset.obs_keys:
+    if PIXELS not in dataset.obs_keys:
         raise ValueError(f"dataset {dataset.root} has no pixels (obs_mode={dataset.env_config.obs_mode!r})")
     t = dataset.episode_length
     steps = np.linspace(0, t - 1, min(columns, t)).round().astype(int)
     rows = []
     for buffer in dataset.buffers:
         for index in range(min(rollouts_per_task, buffer.shape[0])):
-            frames = buffer["pixels"][index, steps].numpy().transpose(0, 2, 3, 1)  # [C, H, W, 3]
+            frames = buffer[PIXELS][index, steps].numpy().transpose(0, 2, 3, 1)  # [C, H, W, 3]
             rows.append(np.concatenate(list(frames), axis=1))
     return np.concatenate(rows, axis=0)
 

@@ -11,7 +11,7 @@ The frames equal those of ``mujoco.Renderer`` for the same model, data and camer
 ``MjvOption``, same fixed camera, same projection: the projection depends on the viewport's aspect ratio only,
 and a tile is offset by a whole number of pixels, so the rasteriser covers the same pixels). On Mesa llvmpipe
 they are identical or differ by 1 grey level on about 0.1% of the values (position-dependent rounding); the
-tolerance (<= 1% of values differ, mean absolute difference <= 0.5) is documented in ``tests/test_tiled_render.py``.
+tolerance (<= 1% of values differ, mean absolute difference <= 0.5) is documented in ``tests/envs/test_tiled_render.py``.
 
 Every MjData passed to :meth:`TiledRenderer.render` must belong to the renderer's model or to an identical copy
 (each ``SawyerTwoDrawersEnv`` compiles its own, identical, model): meshes, textures and colours are taken from

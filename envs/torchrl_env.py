@@ -21,6 +21,7 @@ from torchrl.data import Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, GymWrapper, PermuteTransform, RenameTransform, Transform, TransformedEnv
 from torchrl.envs.gym_like import BaseInfoDictReader
 
+from envs.keys import PIXELS, STATE
 from envs.two_drawers import SawyerTwoDrawersEnv  # importing ``envs`` already selected headless EGL
 
 
@@ -57,8 +58,8 @@ def make_torchrl_env(*, channels_first: bool = True, read_success: bool = True, 
         base.set_info_dict_reader(SuccessReader())
     keys = gym_env.observation_space.spaces
     transforms: list[Transform] = []
-    if "state" in keys:  # GymWrapper always renames a dict's "state" entry to "observation": undo it
-        transforms.append(RenameTransform(in_keys=["observation"], out_keys=["state"]))
-    if channels_first and "pixels" in keys:
-        transforms.append(PermuteTransform((-1, -3, -2), in_keys=["pixels"]))
+    if STATE in keys:  # GymWrapper always renames a dict's "state" entry to "observation": undo it
+        transforms.append(RenameTransform(in_keys=["observation"], out_keys=[STATE]))
+    if channels_first and PIXELS in keys:
+        transforms.append(PermuteTransform((-1, -3, -2), in_keys=[PIXELS]))
     return TransformedEnv(base, Compose(*transforms))

@@ -16,9 +16,11 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
+from envs.keys import OBS_MODES as MODE_KEYS
+from envs.keys import PIXELS, STATE
 from envs.scene import DRAWER_PREFIXES, SCENE_CAMERA, SceneConfig, build_model
 
-OBS_MODES = ("pixels", "state", "pixels_state")
+OBS_MODES = tuple(MODE_KEYS)
 NUM_TASKS = 2
 STATE_DIM = 6  # tcp xyz, finger gap, left opening, right opening
 ACTION_DIM = 4
@@ -94,10 +96,10 @@ class SawyerTwoDrawersEnv(gym.Env):
 
         size = config.image_size
         spaces: dict[str, gym.Space] = {}
-        if config.obs_mode in ("pixels", "pixels_state"):
-            spaces["pixels"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
-        if config.obs_mode in ("state", "pixels_state"):
-            spaces["state"] = gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        if PIXELS in MODE_KEYS[config.obs_mode]:
+            spaces[PIXELS] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        if STATE in MODE_KEYS[config.obs_mode]:
+            spaces[STATE] = gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
@@ -188,10 +190,10 @@ class SawyerTwoDrawersEnv(gym.Env):
     # ------------------------------------------------------------------ helpers
     def _observation(self) -> dict[str, np.ndarray]:
         obs = {}
-        if "pixels" in self.observation_space.spaces and self._render_observations:
-            obs["pixels"] = self.render()
-        if "state" in self.observation_space.spaces:
-            obs["state"] = self.state_vector()
+        if PIXELS in self.observation_space.spaces and self._render_observations:
+            obs[PIXELS] = self.render()
+        if STATE in self.observation_space.spaces:
+            obs[STATE] = self.state_vector()
         return obs
 
     def _info(self) -> dict[str, Any]:

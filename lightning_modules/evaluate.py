@@ -20,8 +20,10 @@ select_headless_gl()
 
 import torch  # noqa: E402
 
-from lightning_modules.evaluation import SUCCESS_METRICS, eval_env_config, run_trials, write_results  # noqa: E402
-from lightning_modules.latent_cql import LatentCQLModule  # noqa: E402
+from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
+from lightning_modules.evaluation.protocol import SUCCESS_METRICS, eval_env_config  # noqa: E402
+from lightning_modules.evaluation.results import write_results  # noqa: E402
+from lightning_modules.evaluation.runner import run_trials  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,10 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = eval_env_config(model.filter, env_source)
     result = run_trials(model, cfg, trials=args.trials, episodes=args.episodes, num_envs=args.num_envs,
                         seed=args.seed, success_metric=args.success_metric, video=args.video is not None)
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     data = {"env_config": cfg.to_dict(), "checkpoint": str(Path(args.checkpoint).resolve()),
-            "evaluations": [{"step": int(ckpt.get("global_step", -1)), "epoch": int(ckpt.get("epoch", -1)),
-                             **result.to_json()}]}
+            "evaluations": [{"step": model.loaded_step, "epoch": model.loaded_epoch, **result.to_json()}]}
     path = write_results(args.out, data)
     s = result.summary
     rates = ", ".join(f"{r:.2f}" for r in s["success_per_episode"])

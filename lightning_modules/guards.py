@@ -2,6 +2,7 @@
 
 * :func:`check_finite` stops a run at the first NaN/inf loss term with a message naming every bad term,
   e.g. ``FloatingPointError: non-finite loss term(s) at step 12: losses/kl=nan``.
+* :func:`check_phase` refuses a checkpoint written by the other phase, naming both kinds and the path.
 * :func:`seeded_rng` runs a block (a training step's sampling) with the global torch RNG seeded from
   ``(seed, stream, rank, index)`` and restores the global state afterwards. A step's noise then depends on
   the step alone, not on how much randomness Lightning, the DataLoaders or validation drew before it, so a
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Mapping
+from typing import Any, ContextManager, Iterator, Mapping
 
-import numpy as np
 import torch
 
-__all__ = ["check_finite", "seeded_rng", "derive_seed"]
+from envs.seeding import derive_seed
+
+__all__ = ["PHASE_KEY", "check_finite", "check_phase", "derive_seed", "seeded_rng", "step_noise"]
+
+PHASE_KEY = "phase"  # the checkpoint entry naming the phase that wrote it: "filter" or "cql"
 
 
 def check_finite(terms: Mapping[str, torch.Tensor | float], step: int) -> None:
@@ -45,11 +49,6 @@ def check_finite(terms: Mapping[str, torch.Tensor | float], step: int) -> None:
     raise FloatingPointError(f"non-finite loss term(s) at step {step}: " + ", ".join(bad))
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (``numpy.random.SeedSequence``; independent streams per tuple)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
 @contextlib.contextmanager
 def seeded_rng(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Seed the global CPU RNG (and ``device``'s, when it is an accelerator) inside the block; restore after."""
@@ -64,3 +63,34 @@ def seeded_rng(seed: int, device: torch.device | str | None = None) -> Iterator[
         elif accel:
             torch.manual_seed(seed)  # other accelerators: their default generators
         yield
+
+
+def step_noise(module: Any, seed: int, stream: int, index: int, device: torch.device | str) -> ContextManager[None]:
+    """:func:`seeded_rng` for (``seed``, ``stream``, the module's global rank, ``index``).
+
+    A training step's noise then depends on (seed, rank, step) alone: a resumed run draws exactly the noise of the
+    uninterrupted one, each DDP rank draws its own, and validation (its own stream) leaves training untouched.
+    """
+    trainer = getattr(module, "_trainer", None)
+    rank = trainer.global_rank if trainer is not None else 0
+    return seeded_rng(derive_seed(seed, stream, rank, index), device)
+
+
+def checkpoint_phase(checkpoint: Mapping[str, Any]) -> str:
+    """The phase that wrote a checkpoint: its :data:`PHASE_KEY`, else guessed from its weights (older files)."""
+    if PHASE_KEY in checkpoint:
+        return str(checkpoint[PHASE_KEY])
+    state = checkpoint.get("state_dict") or {}
+    return "cql" if any(k.startswith("loss_module.") for k in state) else "filter"
+
+
+def check_phase(checkpoint: Mapping[str, Any], expected: str, who: str, path: Any = None) -> None:
+    """``ValueError`` when ``checkpoint`` was written by another phase than ``expected`` (``who`` resumes it)."""
+    found = checkpoint_phase(checkpoint)
+    if found != expected:
+        where = f" {str(path)!r}" if path else ""
+        raise ValueError(f"checkpoint{where} was written by phase {found!r} ({PHASE_NAMES.get(found, found)}); "
+                         f"{who} (phase {expected!r}) cannot resume or load it")
+
+
+PHASE_NAMES = {"filter": "VariationalFilterModule", "cql": "LatentCQLModule"}

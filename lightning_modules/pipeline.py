@@ -9,7 +9,7 @@ Every stage is the command a user would type (``python -m envs.collect``, ``ligh
 training stage that was interrupted resumes from its ``last.ckpt``, so the job can be run again after a kill (or
 in chunks with ``--max-stages``). Layout under ``--out``::
 
-    data stage                 -> the preset's dataset root (configs/data/<preset>...yaml)
+    data stage                 -> the preset's dataset root (configs/collect/<preset>...yaml)
     filters/<mode>/seed_<k>/   -> phase-1 run (TensorBoard logs, config.yaml, checkpoints/last.ckpt)
     <method>/seed_<k>/phase2/  -> phase-2 run (logs, eval_results.json of the periodic evaluations, checkpoints)
     <method>/seed_<k>/eval_results.json   final evaluation of the best phase-2 checkpoint (fresh trials)
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRESETS = {
-    "quickstart": dict(data="configs/data/quickstart_state.yaml", filter="configs/filter_quickstart.yaml",
+    "quickstart": dict(data="configs/collect/quickstart_state.yaml", filter="configs/filter_quickstart.yaml",
                        cql="configs/cql_quickstart.yaml"),
-    "paper": dict(data="configs/data/two_drawers.yaml", filter="configs/filter_paper.yaml",
+    "paper": dict(data="configs/collect/two_drawers.yaml", filter="configs/filter_paper.yaml",
                   cql="configs/cql_paper.yaml"),
 }
 METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlays of phase 2)
@@ -135,7 +135,7 @@ def run_stage(stage: Stage) -> None:
 
 def summarize(out: Path) -> None:
     """Write ``figure2.png`` and ``results.md`` for every method and seed under ``out``."""
-    from lightning_modules.results import collect_curves, figure2, results_table
+    from lightning_modules.evaluation.results import collect_curves, figure2, results_table
 
     curves = collect_curves(out)
     table = results_table(curves)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real datasets made by the real collector (state obs, or 32 px pixels)."""
+"""Shared fixtures: tiny real datasets made by the real collector (state obs, or 32 px pixels) and a tiny filter
+checkpoint; plain helpers (the CLI, trainers, batches) are in ``helpers.py``."""
 
 from __future__ import annotations
 
@@ -51,3 +52,20 @@ def tiny_pixel_dataset(tmp_path_factory):
 def tiny_state_dataset(tmp_path_factory):
     """2 tasks x 8 rollouts x 40 steps, state observations only (fast)."""
     return _make(tmp_path_factory.mktemp("tiny_state") / "ds", "state", rollouts=8, length=40)
+
+
+@pytest.fixture(scope="session")
+def filter_ckpt(tiny_state_dataset, tmp_path_factory):
+    """A tiny state filter (``helpers.SMALL_FILTER``) trained for 2 steps by a Trainer and checkpointed by it."""
+    import torch
+
+    from helpers import SMALL_FILTER, cpu_trainer, tiny_datamodule
+    from lightning_modules.filter.module import VariationalFilterModule
+
+    path = tmp_path_factory.mktemp("phase1") / "filter.ckpt"
+    torch.manual_seed(0)
+    model = VariationalFilterModule(obs_keys=["state"], **SMALL_FILTER)
+    trainer = cpu_trainer(path.parent, max_steps=2)
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_state_dataset))
+    trainer.save_checkpoint(path)
+    return path

@@ -1,11 +1,17 @@
-"""Helpers shared by the tests: the `lightning` command, a tiny state DataModule and a quiet CPU Trainer."""
+"""Plain helpers shared by the tests (fixtures are in ``conftest.py``): the `lightning` command run as users run it,
+a tiny state DataModule, a quiet CPU Trainer, sampled batches, checkpoint and TensorBoard readers."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# the tiny filter of the shared filter checkpoint (conftest.py's ``filter_ckpt``)
+SMALL_FILTER = dict(deter_dim=16, stoch_dim=8, hidden_dim=16, mlp_hidden=16, state_embed_dim=16, reward_embed_dim=8)
 
 
 def lightning_command() -> list[str]:
@@ -17,6 +23,54 @@ def lightning_command() -> list[str]:
     if on_path is not None:
         return [on_path]
     return [sys.executable, "-m", "lightning_modules.cli"]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """A subprocess environment that imports the repository's packages, one OpenMP thread, headless EGL."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("COLUMNS", None)  # the progress bar's width: rich's default (80) when not a terminal
+    return env
+
+
+def run_lightning(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``lightning <args>`` in the repository root, stdin closed (no TTY), output captured."""
+    return subprocess.run([*lightning_command(), *args], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    hint = ""
+    if "<lightning.pytorch.cli.LightningCLI object" in result.stderr:
+        hint = ("\n(the console script does sys.exit(main()) and lightning_modules.cli.main returns the LightningCLI "
+                "object: sys.exit prints it and exits 1; main must return None)")
+    assert result.returncode == 0, f"exit {result.returncode}{hint}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+
+
+def load_ckpt(path: Path) -> dict:
+    """A checkpoint read with ``weights_only=True``: it must hold plain data only."""
+    import torch
+
+    assert path.is_file(), f"no checkpoint at {path}; have {sorted(p.name for p in path.parent.glob('*'))}"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def scalars(run_dir: Path):
+    """The TensorBoard event files of a run directory, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+
+
+def sample_batch(dataset, batch_size: int = 3, num_segments: int = 2, seed: int = 0, obs_keys=("state",)):
+    """One meta-exploration batch [B, L] of ``dataset`` drawn by the real sampler."""
+    import torch
+
+    from datamodules import MetaExplorationSampler, SamplerConfig
+
+    cfg = SamplerConfig(batch_size=batch_size, num_segments=num_segments,
+                        obs_keys=tuple(obs_keys) if obs_keys is not None else None)
+    return MetaExplorationSampler(dataset.buffers, cfg).sample(torch.Generator().manual_seed(seed))
 
 
 def tiny_datamodule(dataset, cls=None, **kw):

@@ -9,13 +9,13 @@ import pytest
 import torch
 from tensordict import TensorDictBase
 
-from lightning_modules.latent_cql import LatentCQLModule, load_filter
-from lightning_modules.networks import BELIEF
-from lightning_modules.variational_filter import VariationalFilterModule
-from helpers import cpu_trainer  # noqa: E402
+from lightning_modules.cql.module import LatentCQLModule
+from lightning_modules.cql.transitions import flat_transitions
+from lightning_modules.filter.belief_filter import BeliefFilter
+from lightning_modules.cql.networks import BELIEF
+from lightning_modules.filter.module import VariationalFilterModule
+from helpers import SMALL_FILTER, cpu_trainer, sample_batch  # noqa: E402
 
-SMALL_FILTER = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8,
-                    cnn_depth=8)
 SMALL_CQL = dict(hidden_dim=32, transition_batch_size=64, num_random=4)
 
 
@@ -34,27 +34,6 @@ def make_trainer(tmp_path, **kw):
     return cpu_trainer(tmp_path, **{"max_steps": 3, **kw})
 
 
-def train_filter_checkpoint(dataset, path: Path, obs_keys=("state",), steps: int = 3) -> Path:
-    """A filter trained for a few steps on ``dataset``, checkpointed by a Trainer at ``path``."""
-    model = VariationalFilterModule(obs_keys=list(obs_keys), image_size=dataset.env_config.image_size, **SMALL_FILTER)
-    trainer = make_trainer(path.parent, max_steps=steps)
-    trainer.fit(model, datamodule=make_datamodule(dataset, obs_keys=list(obs_keys)))
-    trainer.save_checkpoint(path)
-    return path
-
-
-def sample_batch(dataset, batch_size=3, num_segments=2, seed=0):
-    from datamodules import MetaExplorationSampler, SamplerConfig
-
-    cfg = SamplerConfig(batch_size=batch_size, num_segments=num_segments, obs_keys=("state",))
-    return MetaExplorationSampler(dataset.buffers, cfg).sample(torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def filter_ckpt(tiny_state_dataset, tmp_path_factory):
-    return train_filter_checkpoint(tiny_state_dataset, tmp_path_factory.mktemp("filter") / "filter.ckpt")
-
-
 @pytest.fixture(scope="module")
 def batch(tiny_state_dataset):
     return sample_batch(tiny_state_dataset)
@@ -68,7 +47,7 @@ def _model(filter_ckpt, **kw):
 def _transitions(model, batch):
     beliefs = model.compute_beliefs(batch)
     model.normalizer.fit(beliefs)
-    return model.normalize(model.flat_transitions(beliefs, batch["action"], batch["next", "reward"]))
+    return model.normalize(flat_transitions(beliefs, batch["action"], batch["next", "reward"]))
 
 
 def _params(module) -> list[torch.Tensor]:
@@ -84,7 +63,7 @@ def test_transitions_alignment_and_no_terminal(filter_ckpt, batch):
     model = _model(filter_ckpt)
     beliefs = model.compute_beliefs(batch)
     B, L, D = beliefs.shape
-    td = model.flat_transitions(beliefs, batch["action"], batch["next", "reward"])
+    td = flat_transitions(beliefs, batch["action"], batch["next", "reward"])
     assert td.batch_size == torch.Size([B * (L - 1)])  # the last step (no successor) is dropped
     b, t = 1, L // 2 - 1  # the last step of segment 0: its successor is the first step of segment 1
     assert bool(batch["segment_start"][b, t + 1])
@@ -96,7 +75,7 @@ def test_transitions_alignment_and_no_terminal(filter_ckpt, batch):
     assert not td["next", "done"].any() and not td["next", "terminated"].any()
     # sampled transitions index the same table
     index = torch.tensor([0, i, B * (L - 1) - 1])
-    sub = model.flat_transitions(beliefs, batch["action"], batch["next", "reward"], index)
+    sub = flat_transitions(beliefs, batch["action"], batch["next", "reward"], index)
     for key in (BELIEF, "action", ("next", BELIEF), ("next", "reward")):
         torch.testing.assert_close(sub[key], td[key][index])
 
@@ -124,7 +103,7 @@ def test_n_step_transitions(filter_ckpt, batch):
 
 def test_beliefs_are_the_filters(filter_ckpt, batch):
     model = _model(filter_ckpt)
-    reference = load_filter(filter_ckpt)
+    reference = BeliefFilter.load(filter_ckpt)
     torch.testing.assert_close(model.compute_beliefs(batch), reference.beliefs(batch))
 
 
@@ -221,7 +200,7 @@ def test_tiny_run_finite_and_filter_frozen(filter_ckpt, tiny_state_dataset, tmp_
     trainer.fit(model, datamodule=make_datamodule(tiny_state_dataset, num_segments=3))
     assert trainer.global_step == 4  # one grouped optimizer: one step per update
     metrics = trainer.callback_metrics
-    for key in ("train/loss_qvalue", "train/loss_cql", "train/loss_actor", "train/loss_alpha", "val/loss_qvalue"):
+    for key in ("losses/loss_qvalue", "losses/loss_cql", "losses/loss_actor", "losses/loss_alpha", "val/loss_qvalue"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     for k, v in model.filter.state_dict().items():
         torch.testing.assert_close(v, filter_before[k], msg=f"filter {k} changed")
@@ -247,7 +226,7 @@ def test_belief_cache_refresh(filter_ckpt, batch, monkeypatch):
         assert td.batch_size == torch.Size([32])
     # filled on the first 2 steps, then refreshed on multiples of refresh_every
     assert steps == [True, True, False, True, False, False, True, False]
-    assert model._cache_filled == 2 * batch.batch_size[0]
+    assert model.cache.filled == 2 * batch.batch_size[0]
 
 
 def _walk(obj, path="checkpoint"):
@@ -269,7 +248,7 @@ def test_checkpoint_round_trip(filter_ckpt, tiny_state_dataset, tmp_path, batch)
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     _walk(ckpt)
-    assert ckpt["filter_hparams"]["obs_keys"] == ["state"] and ckpt["env_config"]["obs_mode"] == "state"
+    assert ckpt["belief_filter"]["kwargs"]["obs_keys"] == ["state"] and ckpt["phase"] == "cql" and ckpt["env_config"]["obs_mode"] == "state"
     assert any(k.startswith("filter.") for k in ckpt["state_dict"]) and "normalizer.mean" in ckpt["state_dict"]
     beliefs = model.compute_beliefs(batch)[:, :5].reshape(-1, model.filter.belief_dim)
     expected = model.act(beliefs)
@@ -330,7 +309,7 @@ def test_not_a_filter_checkpoint(tmp_path):
 
 
 def _untrained_filter_ckpt(path: Path, **kw) -> Path:
-    model = VariationalFilterModule(**{**dict(obs_keys=["state"], **SMALL_FILTER), **kw})
+    model = VariationalFilterModule(**{**dict(obs_keys=["state"], cnn_depth=8, **SMALL_FILTER), **kw})
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
     return path
 
@@ -366,7 +345,9 @@ def test_cli_fit_quickstart_config(filter_ckpt, tiny_state_dataset, tmp_path):
 
     from lightning_modules.cli import build_cli
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "cql_quickstart.yaml").read_text())
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cfg = yaml.safe_load((configs / "cql_quickstart.yaml").read_text())
+    cfg["data"] = yaml.safe_load((configs / cfg["data"]).read_text())  # the shared data-module block it names
     env = tiny_state_dataset.env_config
     cfg["trainer"].update(max_steps=2, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
@@ -381,7 +362,7 @@ def test_cli_fit_quickstart_config(filter_ckpt, tiny_state_dataset, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     cli = build_cli(["fit", "--config", str(path)])
     model = cli.model
-    assert model.filter.hparams.obs_keys == ["state"] and "filter_checkpoint" not in model.filter.hparams
+    assert model.filter.kwargs["obs_keys"] == ["state"] and "filter_checkpoint" not in model.filter.kwargs
     assert cli.trainer.global_step == 2
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "eval_results.json").is_file()
@@ -389,9 +370,9 @@ def test_cli_fit_quickstart_config(filter_ckpt, tiny_state_dataset, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best_eval.ckpt").is_file()
     assert "filter_hparams" not in model.hparams
     restored = LatentCQLModule.load_phase2(run_dir / "checkpoints" / "last.ckpt")
-    assert restored.filter.hparams.deter_dim == SMALL_FILTER["deter_dim"]
+    assert restored.filter.kwargs["deter_dim"] == SMALL_FILTER["deter_dim"]
     # Lightning's loader re-instantiates through the CLI's instantiator: the filter must keep its own hparams too
     loaded = LatentCQLModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert loaded.filter.hparams.obs_keys == ["state"]
+    assert loaded.filter.kwargs["obs_keys"] == ["state"]
     beliefs = torch.randn(3, model.filter.belief_dim)
     torch.testing.assert_close(loaded.act(beliefs), restored.act(beliefs))

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import lightning.pytorch as pl
-from lightning_modules.rssm import RewardRSSM
-from lightning_modules.variational_filter import VariationalFilterModule
+from lightning_modules.filter.rssm import RewardRSSM
+from lightning_modules.filter.module import VariationalFilterModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8, cnn_depth=8)
 
 
@@ -117,7 +117,7 @@ def test_split_cell_matches_torchrl_modules():
 def test_elbo_improves(state_batch):
     torch.manual_seed(0)
     model = VariationalFilterModule(obs_keys=["state"], lr=3e-3, **SMALL)
-    model._init_state_stats(state_batch)
+    model.filter.fit_state_stats(state_batch)
     opt = model.configure_optimizers()
     with torch.no_grad():
         before = model.compute_losses(state_batch, sample=False)[1]["terms"]["elbo"].item()
@@ -161,7 +161,7 @@ def test_stepwise_api_matches_beliefs(obs_keys, state_batch, pixel_batch):
     torch.manual_seed(0)
     batch = state_batch if obs_keys == ["state"] else pixel_batch
     model = VariationalFilterModule(obs_keys=obs_keys, image_size=32, **SMALL)
-    model._init_state_stats(batch)  # non-trivial normalisation
+    model.filter.fit_state_stats(batch)  # non-trivial normalisation
     torch.testing.assert_close(_stepwise(model, batch), model.beliefs(batch), rtol=0, atol=1e-5)
 
 
@@ -177,7 +177,8 @@ def test_checkpoint_round_trip(tmp_path, tiny_state_dataset, state_batch):
     path = tmp_path / "ckpt" / "last.ckpt"
     assert path.is_file()
     raw = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and containers only
-    assert "state_dict" in raw and bool(raw["state_dict"]["state_stats_ready"])
+    assert "state_dict" in raw and bool(raw["state_dict"]["filter.state_stats_ready"])
+    assert raw["belief_filter"]["kwargs"]["obs_keys"] == ["state"] and raw["phase"] == "filter"
     loaded = VariationalFilterModule.load_from_checkpoint(path, map_location="cpu")
     assert loaded.hparams.obs_keys == ["state"]
     torch.testing.assert_close(loaded.beliefs(state_batch), model.beliefs(state_batch), rtol=0, atol=0)
@@ -218,10 +219,12 @@ def test_validation_logs_probe_and_images(tmp_path, tiny_pixel_dataset):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     torch.manual_seed(0)
-    model = VariationalFilterModule(obs_keys=["pixels", "state"], image_size=32, log_images_every_n_val=1, **SMALL)
+    from lightning_modules.callbacks.filter_images import FilterImageLogger
+
+    model = VariationalFilterModule(obs_keys=["pixels", "state"], image_size=32, **SMALL)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = _trainer(tmp_path, max_steps=2, logger=logger, limit_val_batches=2, val_check_interval=2,
-                       log_every_n_steps=1)
+                       log_every_n_steps=1, callbacks=[FilterImageLogger(every_n_val=1)])
     trainer.fit(model, _datamodule(tiny_pixel_dataset, obs_keys=["pixels", "state"], batch_size=4, val_batches=2))
     metrics = trainer.callback_metrics
     for key in ("val/elbo", "val/kl", "val/probe_acc_init", "val/probe_acc_seg0", "val/probe_acc_seg1", "val/probe_acc_seg1_step1", "val/probe_acc_seg1_step5",
@@ -234,7 +237,7 @@ def test_validation_logs_probe_and_images(tmp_path, tiny_pixel_dataset):
 
 
 def test_probe_separates_informative_features():
-    from lightning_modules.probe import probe_accuracy
+    from lightning_modules.filter.probe import probe_accuracy
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(2, (200,), generator=g)

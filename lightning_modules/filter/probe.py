@@ -12,6 +12,12 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from tensordict import TensorDictBase
+
+from envs.keys import SEGMENT, TARGET_TASK, TASK
+
+PROBE_PREFIX = "val/probe_acc_"
+HP_PROBE_MEMORY = "hp/probe_acc_memory"
 
 
 def fit_probe(x_fit: torch.Tensor, y_fit: torch.Tensor, num_classes: int, l2: float = 1e-2,
@@ -86,3 +92,45 @@ class ProbeCollector:
             results[name] = probe_accuracy(x, y, num_classes, l2, g)
         self.clear()
         return results
+
+
+def collect_probe_positions(probe: ProbeCollector, beliefs: torch.Tensor, batch: TensorDictBase) -> None:
+    """Add a validation batch's beliefs [B, L, D] at the probed positions to ``probe``.
+
+    Positions: ``init`` (t = 0), ``seg{k}`` (the last step of segment k, grouped by whether segment k came from
+    the target task) and ``seg{k+1}_step{j}`` (inside the NEXT episode after the reset, j = 1 and T/2: only what
+    the filter carried over can tell the task there), grouped by the preceding segment.
+    """
+    target = batch[TARGET_TASK][:, 0]
+    segment = batch[SEGMENT] if SEGMENT in batch.keys() else torch.zeros_like(batch[TARGET_TASK])
+    seg = segment[0]
+    ends = torch.nonzero(torch.cat([seg[1:] != seg[:-1], torch.ones(1, dtype=torch.bool, device=seg.device)])).squeeze(1)
+    probe.add("init", beliefs[:, 0], target)
+    L = beliefs.shape[1]
+    start = 0
+    for end in ends.tolist():
+        k, length = int(seg[end]), end - start + 1
+        on_target = (batch[TASK][:, end] == target).long() if TASK in batch.keys() else None
+        probe.add(f"seg{k}", beliefs[:, end], target, on_target)
+        for j in sorted({1, length // 2}):
+            t = end + 1 + j
+            if t < L and int(seg[t]) == k + 1:
+                probe.add(f"seg{k + 1}_step{j}", beliefs[:, t], target, on_target)
+        start = end + 1
+
+
+def probe_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``val/probe_acc_*`` metric names for :meth:`ProbeCollector.compute`'s results, plus ``hp/probe_acc_memory``
+    (= ``val/probe_acc_seg1_step1``: the task inside the next episode, memory only)."""
+    metrics = {}
+    for name, res in results.items():
+        prefix = "_prev" if "_step" in name else ""
+        for key, value in res.items():
+            suffix = {"acc": "", "acc_1": prefix + "_target", "acc_0": prefix + "_other"}.get(key, "_" + key)
+            if name == "init" and suffix:
+                continue
+            metrics[f"{PROBE_PREFIX}{name}{suffix}"] = value
+    memory = metrics.get(f"{PROBE_PREFIX}seg1_step1")
+    if memory is not None:
+        metrics[HP_PROBE_MEMORY] = memory
+    return metrics

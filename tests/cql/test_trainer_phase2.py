@@ -9,25 +9,25 @@ pre-collected state dataset (``tiny_state_dataset``) and a tiny filter checkpoin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import lightning_command, cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
+from helpers import REPO as ROOT  # noqa: E402
+from helpers import assert_ok, load_ckpt, scalars  # noqa: E402
+from helpers import cpu_trainer as _trainer  # noqa: E402
+from helpers import run_lightning as lightning  # noqa: E402
+from helpers import tiny_datamodule as _datamodule  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "cql_quickstart.yaml"
-SMALL_FILTER = dict(deter_dim=16, stoch_dim=8, hidden_dim=16, mlp_hidden=16, state_embed_dim=16, reward_embed_dim=8)
 # a belief cache of 2 batches refreshed every 2 updates: the resume at step 3 falls between two refreshes
 SMALL_CQL = dict(hidden_dim=16, num_random=2, transition_batch_size=16, belief_cache_batches=2, refresh_every=2)
 
 EVAL_OVERLAY = """\
 trainer:
   callbacks:
-    - class_path: lightning_modules.evaluation.MetaRolloutEvaluation
+    - class_path: lightning_modules.callbacks.meta_rollout_evaluation.MetaRolloutEvaluation
       init_args: {every_n_steps: 2, trials: 2, episodes: 1, seed: 0, video: false, plot: false}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {monitor: eval/success_mean, mode: max, every_n_train_steps: 2, save_top_k: 1, save_last: true,
@@ -37,7 +37,7 @@ trainer:
 DDP_OVERLAY = """\
 trainer:
   callbacks:
-    - class_path: lightning_modules.evaluation.MetaRolloutEvaluation
+    - class_path: lightning_modules.callbacks.meta_rollout_evaluation.MetaRolloutEvaluation
       init_args: {every_n_steps: 2, trials: 2, episodes: 1, seed: 0, video: false, plot: false, save_best: true}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {monitor: null, every_n_train_steps: 2, save_top_k: 1, save_last: true, filename: "{step}"}
@@ -50,51 +50,15 @@ trainer:
 """
 
 
-# ---------------------------------------------------------------------- running the CLI (as in test_trainer_phase1)
-def lightning(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("COLUMNS", None)
-    return subprocess.run([*lightning_command(), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-
-
-def load_ckpt(path: Path) -> dict:
-    assert path.is_file(), f"no checkpoint at {path}; have {sorted(p.name for p in path.parent.glob('*'))}"
-    return torch.load(path, map_location="cpu", weights_only=True)  # plain data only
-
-
-def scalars(run_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
-
-
-@pytest.fixture(scope="module")
-def filter_ckpt(tiny_state_dataset, tmp_path_factory):
-    """A tiny filter trained for 2 steps, checkpointed by a Trainer."""
-    from lightning_modules.variational_filter import VariationalFilterModule
-
-    path = tmp_path_factory.mktemp("phase1") / "filter.ckpt"
-    torch.manual_seed(0)
-    model = VariationalFilterModule(obs_keys=["state"], **SMALL_FILTER)
-    trainer = _trainer(path.parent, max_steps=2)
-    trainer.fit(model, datamodule=_datamodule(tiny_state_dataset))
-    trainer.save_checkpoint(path)
-    return path
-
-
+# ---------------------------------------------------------------------- the quickstart config, shrunk
 def tiny(dataset, filter_path: Path, save_dir: Path, max_steps: int) -> list[str]:
     """Overrides of the quickstart config: the fixture dataset and filter, 2 batches of 2 per epoch, tiny nets."""
     return [
         f"--data.init_args.root={dataset.root}", f"--data.init_args.rollouts_per_task={dataset.rollouts_per_task}",
         f"--data.init_args.episode_length={dataset.env_config.episode_length}",
         "--data.init_args.batch_size=2", "--data.init_args.num_segments=2", "--data.init_args.batches_per_epoch=2",
-        "--data.init_args.val_batches=1", f"--model.init_args.filter_checkpoint={filter_path}",
+        "--data.init_args.val_batches=1", "--trainer.check_val_every_n_epoch=1",
+        f"--model.init_args.filter_checkpoint={filter_path}",
         *(f"--model.init_args.{k}={v}" for k, v in SMALL_CQL.items()),
         f"--trainer.max_steps={max_steps}", "--trainer.log_every_n_steps=1", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={save_dir}",
@@ -219,7 +183,7 @@ def test_resume_continues_exactly(tmp_path, tiny_state_dataset, filter_ckpt):
 
 # ---------------------------------------------------------------------- NaN guard
 def _model(filter_ckpt, **kw):
-    from lightning_modules.latent_cql import LatentCQLModule
+    from lightning_modules.cql.module import LatentCQLModule
 
     torch.manual_seed(0)
     return LatentCQLModule(str(filter_ckpt), **{**SMALL_CQL, **kw})

@@ -1,23 +1,80 @@
-"""Read evaluation results of run directories and draw the paper's Figure 2 (success vs exploration episodes).
+"""Evaluation outputs: the results JSON, the ``eval/*`` scalars and figures, and the paper's Figure 2 over runs.
 
-A run directory holds ``eval_results.json`` (written by :class:`lightning_modules.evaluation.MetaRolloutEvaluation`
-or ``python -m lightning_modules.evaluate``): ``{"evaluations": [{"step", "summary": {"success_per_episode",
-...}, "trials": [...]}, ...]}``. The main pipeline lays runs out as ``<root>/<method>/seed_<k>/``.
+A run directory holds ``eval_results.json`` (written by
+:class:`~lightning_modules.callbacks.meta_rollout_evaluation.MetaRolloutEvaluation` or ``python -m
+lightning_modules.evaluate``): ``{"env_config", "evaluations": [{"step", "summary": {"success_per_episode", ...},
+"trials": [...]}, ...]}``. The main pipeline lays runs out as ``<root>/<method>/seed_<k>/``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy import stats
+
+from envs.atomic import write_json_atomic
 
 RESULTS_FILE = "eval_results.json"
+EVAL = "eval/"  # the namespace of the online-evaluation scalars
 METHOD_LABELS = {"ours": "Ours", "no_expl": "No Expl", "no_cql": "No CQL"}
 
 
+# ---------------------------------------------------------------------- one run
+def earlier_evaluations(path: Path, step: int) -> list[dict[str, Any]]:
+    """The evaluations at steps <= ``step`` in an existing results file (none when it is missing or unreadable)."""
+    try:
+        previous = json.loads(Path(path).read_text()).get("evaluations", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [e for e in previous if isinstance(e, dict) and isinstance(e.get("step"), int) and e["step"] <= step]
+
+
+def write_results(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write a results JSON atomically (:func:`envs.atomic.write_json_atomic`)."""
+    return write_json_atomic(path, data)
+
+
+def success_figure(summary: dict[str, Any], title: str = "success vs episode"):
+    """Matplotlib figure of the success rate per episode index (with standard errors)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rates = summary["success_per_episode"]
+    x = np.arange(1, len(rates) + 1)
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.errorbar(x, rates, yerr=summary["success_stderr_per_episode"], marker="o", capsize=3)
+    ax.set_xticks(x)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("episode in trial")
+    ax.set_ylabel(f"success rate ({summary['success_metric']} step)")
+    ax.set_title(f"{title} ({summary['trials']} trials)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The ``eval/*`` scalars: success and return per episode index, ``success_last`` (the last episode's
+    success rate: the monitorable one), ``success_mean`` and evaluation speed."""
+    rates = summary["success_per_episode"]
+    out = {f"{EVAL}success_ep{k + 1}": float(v) for k, v in enumerate(rates)}
+    out.update({f"{EVAL}return_ep{k + 1}": float(v) for k, v in enumerate(summary["return_per_episode"])})
+    out[f"{EVAL}success_last"] = float(rates[-1])
+    out[f"{EVAL}success_mean"] = float(np.mean(rates))  # the config's checkpoint monitor (fewer ties than success_last)
+    out[f"{EVAL}wrong_drawer_last"] = float(summary["wrong_drawer_open_per_episode"][-1])
+    out[f"{EVAL}episodes_per_s"] = float(summary["episodes_per_second"])
+    return out
+
+
+# ---------------------------------------------------------------------- Figure 2 over runs
 @dataclass
 class MethodCurve:
     """Success per episode index of one method: the mean over seeds and a 95% confidence half-width."""
@@ -33,13 +90,14 @@ class MethodCurve:
 
     @property
     def ci95(self) -> np.ndarray:
-        """Across seeds (t-interval) when there are several; else the binomial interval over trials."""
+        """Across seeds (Student-t interval, n - 1 degrees of freedom) when there are several; else the normal
+        approximation of the binomial interval over the trials of the one seed."""
         n = self.per_seed.shape[0]
         if n > 1:
-            t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 1.96)
+            t = float(stats.t.ppf(0.975, n - 1))
             return t * self.per_seed.std(axis=0, ddof=1) / math.sqrt(n)
         p = self.per_seed[0]
-        return 1.96 * np.sqrt(p * (1 - p) / max(self.trials, 1))
+        return float(stats.norm.ppf(0.975)) * np.sqrt(p * (1 - p) / max(self.trials, 1))
 
 
 def load_evaluation(path: str | Path, which: str = "last") -> dict:

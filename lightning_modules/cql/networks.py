@@ -15,7 +15,9 @@ from torch import nn
 from torchrl.data import Bounded
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 
-BELIEF = "belief"
+from envs.keys import ACTION
+
+BELIEF = "belief"  # the TensorDict key of the (standardised) belief, phase 2's observation
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
@@ -83,7 +85,7 @@ def make_qvalue(belief_dim: int, action_dim: int, hidden_dim: int = 256, num_lay
     """``Q(b, a)``: an MLP on ``cat([belief, action])`` writing ``"state_action_value"`` [..., 1]."""
     net = MLP(in_features=belief_dim + action_dim, out_features=1, num_cells=[hidden_dim] * num_layers,
               activation_class=ACTIVATIONS[activation], device=device)
-    return ValueOperator(net, in_keys=[BELIEF, "action"])
+    return ValueOperator(net, in_keys=[BELIEF, ACTION])
 
 
 def move_distribution_kwargs(module: nn.Module, fn) -> None:

@@ -8,16 +8,17 @@ rollouts x 40 steps, the config's episode length), so no run collects data.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import lightning_command, cpu_trainer as _trainer, tiny_datamodule as _datamodule  # noqa: E402
+from helpers import REPO as ROOT  # noqa: E402
+from helpers import assert_ok, load_ckpt, scalars  # noqa: E402
+from helpers import cpu_trainer as _trainer  # noqa: E402
+from helpers import run_lightning as lightning  # noqa: E402
+from helpers import tiny_datamodule as _datamodule  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "filter_quickstart.yaml"
 SMALL = dict(deter_dim=16, stoch_dim=8, hidden_dim=16, mlp_hidden=16, state_embed_dim=16, reward_embed_dim=8)
 # what the resume runs add to the quickstart config: a checkpoint every 3 steps (all kept, and last.ckpt),
@@ -43,28 +44,7 @@ lr_scheduler:
 """
 
 
-# ---------------------------------------------------------------------- running the CLI
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("COLUMNS", None)  # the progress bar's width: rich's default (80) when not a terminal
-    return env
-
-
-def lightning(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``lightning <args>`` in the repository root, stdin closed (no TTY), output captured."""
-    return subprocess.run([*lightning_command(), *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    hint = ""
-    if "<lightning.pytorch.cli.LightningCLI object" in result.stderr:
-        hint = ("\n(the console script does sys.exit(main()) and lightning_modules.cli.main returns the LightningCLI "
-                "object: sys.exit prints it and exits 1; main must return None)")
-    assert result.returncode == 0, f"exit {result.returncode}{hint}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-
-
+# ---------------------------------------------------------------------- the quickstart config, shrunk
 def tiny(dataset, save_dir: Path, max_steps: int) -> list[str]:
     """Overrides of the quickstart config: the fixture dataset, 2 batches of 2 per epoch, a tiny model."""
     return [
@@ -82,22 +62,11 @@ def run_dirs(save_dir: Path) -> list[Path]:
     return sorted((save_dir / "filter_quickstart").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
-def load_ckpt(path: Path) -> dict:
-    assert path.is_file(), f"no checkpoint at {path}; have {sorted(p.name for p in path.parent.glob('*'))}"
-    return torch.load(path, map_location="cpu", weights_only=True)  # plain data only
-
-
 def assert_trained(ckpt: dict, steps: int) -> None:
     assert ckpt["global_step"] == steps
     assert ckpt["MetaExplorationDataModule"]["position"] == steps  # the sampler stream: one batch per step
-    assert bool(ckpt["state_dict"]["state_stats_ready"])
+    assert bool(ckpt["state_dict"]["filter.state_stats_ready"])
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-
-
-def scalars(run_dir: Path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
 
 
 # ---------------------------------------------------------------------- precision and DDP
@@ -208,7 +177,7 @@ def test_check_finite_names_every_bad_term():
 def test_nan_reward_stops_the_run_naming_the_terms(tmp_path, tiny_state_dataset):
     """A NaN reward in the third training batch: the run stops at step 2, before the weights see it."""
     from datamodules import MetaExplorationDataModule
-    from lightning_modules.variational_filter import VariationalFilterModule
+    from lightning_modules.filter.module import VariationalFilterModule
 
     class NaNRewardData(MetaExplorationDataModule):
         def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -228,7 +197,7 @@ def test_nan_reward_stops_the_run_naming_the_terms(tmp_path, tiny_state_dataset)
 
 
 def test_single_non_finite_term_is_named(tmp_path, tiny_state_dataset, monkeypatch):
-    from lightning_modules.variational_filter import VariationalFilterModule
+    from lightning_modules.filter.module import VariationalFilterModule
 
     torch.manual_seed(0)
     model = VariationalFilterModule(obs_keys=["state"], **SMALL)
@@ -262,6 +231,7 @@ def test_typo_in_a_yaml_config_is_named(tmp_path, typo):
     assert text.count(right) == 1
     config = tmp_path / "typo.yaml"
     config.write_text(text.replace(right, wrong))
+    shutil.copytree(QUICKSTART.parent / "data", tmp_path / "data")  # the data block it names, relative to it
     result = lightning("fit", "--config", str(config), timeout=120)
     assert result.returncode != 0
     assert f"'{key}'" in result.stderr or f".{key}'" in result.stderr, result.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The latent model of the variational filter: encoders, decoders and a reward-aware RSSM.
 
-Time alignment (shared with :mod:`lightning_modules.variational_filter`, the belief API and phase 2)
------------------------------------------------------------------------------------------------------
+Time alignment (shared with :mod:`lightning_modules.filter.belief_filter`, the belief API and phase 2)
+---------------------------------------------------------------------------------------------------
 A batch row holds, at index ``t``: the observation ``o_t``, the action ``a_t`` taken after it and
 ``("next", "reward")[t] = r_{t+1}``, the reward received after ``a_t``. The filter step ``t`` computes
 
@@ -44,7 +44,10 @@ from torch import nn
 from torchrl.data import Bounded
 from torchrl.modules.models.model_based import RSSMPosterior, RSSMPrior
 
-OBS_KEYS = ("pixels", "state")
+from envs.keys import PIXELS, STATE, canonical_obs_keys
+
+REWARD_OUT = "reward"  # the reward model's entry among the decoder outputs (beside the observation keys)
+
 FilterState = dict[str, torch.Tensor]  # {"deter": [B, H], "stoch": [B, S]}
 
 
@@ -127,11 +130,7 @@ class RewardRSSM(nn.Module):
         min_std: float = 0.1,
     ):
         super().__init__()
-        obs_keys = tuple(obs_keys)
-        bad = [k for k in obs_keys if k not in OBS_KEYS]
-        if not obs_keys or bad or len(set(obs_keys)) != len(obs_keys):
-            raise ValueError(f"obs_keys must be a non-empty subset of {OBS_KEYS}, got {list(obs_keys)}")
-        self.obs_keys = tuple(k for k in OBS_KEYS if k in obs_keys)
+        self.obs_keys = canonical_obs_keys(obs_keys)
         self.image_size, self.state_dim, self.action_dim = image_size, state_dim, action_dim
         self.deter_dim, self.stoch_dim = deter_dim, stoch_dim
         feat_dim = deter_dim + stoch_dim
@@ -139,13 +138,13 @@ class RewardRSSM(nn.Module):
         self.encoders = nn.ModuleDict()
         self.decoders = nn.ModuleDict()
         embed_dim = 0
-        if "pixels" in self.obs_keys:
-            self.encoders["pixels"] = ConvEncoder(image_size, cnn_depth)
-            self.decoders["pixels"] = ConvDecoder(feat_dim, image_size, cnn_depth)
-            embed_dim += self.encoders["pixels"].out_dim
-        if "state" in self.obs_keys:
-            self.encoders["state"] = mlp(state_dim, mlp_hidden, state_embed_dim)
-            self.decoders["state"] = mlp(feat_dim, mlp_hidden, state_dim)
+        if PIXELS in self.obs_keys:
+            self.encoders[PIXELS] = ConvEncoder(image_size, cnn_depth)
+            self.decoders[PIXELS] = ConvDecoder(feat_dim, image_size, cnn_depth)
+            embed_dim += self.encoders[PIXELS].out_dim
+        if STATE in self.obs_keys:
+            self.encoders[STATE] = mlp(state_dim, mlp_hidden, state_embed_dim)
+            self.decoders[STATE] = mlp(feat_dim, mlp_hidden, state_dim)
             embed_dim += state_embed_dim
         # state normalisation (set from data by the LightningModule; identity until then)
         self.register_buffer("state_mean", torch.zeros(state_dim))
@@ -173,10 +172,10 @@ class RewardRSSM(nn.Module):
     def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """uint8 pixels -> float in [-0.5, 0.5]; state -> standardised with the stored statistics."""
         out = {}
-        if "pixels" in self.obs_keys:
-            out["pixels"] = obs["pixels"].float() / 255.0 - 0.5
-        if "state" in self.obs_keys:
-            out["state"] = (obs["state"].float() - self.state_mean) / self.state_std
+        if PIXELS in self.obs_keys:
+            out[PIXELS] = obs[PIXELS].float() / 255.0 - 0.5
+        if STATE in self.obs_keys:
+            out[STATE] = (obs[STATE].float() - self.state_mean) / self.state_std
         return out
 
     def embed(self, obs: dict[str, torch.Tensor], reward: torch.Tensor) -> torch.Tensor:
@@ -188,7 +187,7 @@ class RewardRSSM(nn.Module):
         parts = []
         for key in self.obs_keys:
             x = norm[key]
-            event = 3 if key == "pixels" else 1
+            event = 3 if key == PIXELS else 1
             batch = x.shape[:-event]
             parts.append(self.encoders[key](x.reshape(-1, *x.shape[-event:])).reshape(*batch, -1))
         parts.append(self.reward_encoder(reward))
@@ -202,7 +201,7 @@ class RewardRSSM(nn.Module):
         for key in self.obs_keys:
             y = self.decoders[key](flat)
             out[key] = y.reshape(*batch, *y.shape[1:])
-        out["reward"] = self.reward_decoder(flat).reshape(*batch, 1)
+        out[REWARD_OUT] = self.reward_decoder(flat).reshape(*batch, 1)
         return out
 
     # ------------------------------------------------------------------ the filter
@@ -303,24 +302,3 @@ class RewardRSSM(nn.Module):
     def features(stoch: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
         """Decoder input: [s_t, h_t]."""
         return torch.cat([stoch, deter.to(stoch.dtype)], -1)
-
-
-def shift_right(x: torch.Tensor) -> torch.Tensor:
-    """x[:, t-1] at index t, zeros at t=0 (previous action / reward that arrived with o_t)."""
-    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
-
-
-def gaussian_kl(mean_q: torch.Tensor, std_q: torch.Tensor, mean_p: torch.Tensor, std_p: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean_q, std_q) || N(mean_p, std_p)) summed over the last dim (computed in fp32)."""
-    mean_q, std_q, mean_p, std_p = (x.float() for x in (mean_q, std_q, mean_p, std_p))
-    var_ratio = (std_q / std_p).square()
-    return 0.5 * (var_ratio + ((mean_q - mean_p) / std_p).square() - 1.0 - var_ratio.log()).sum(-1)
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, event_dims: int) -> torch.Tensor:
-    """log N(x; mean, std^2) summed over the last ``event_dims`` dims (fp32)."""
-    import math
-
-    d = (x.float() - mean.float()) / std
-    lp = -0.5 * d.square() - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return lp.flatten(-event_dims).sum(-1)

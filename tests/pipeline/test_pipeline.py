@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_PHASE2 = """
 trainer:
@@ -19,7 +19,7 @@ trainer:
   limit_val_batches: 1
   enable_model_summary: false
   callbacks:
-    - class_path: lightning_modules.evaluation.MetaRolloutEvaluation
+    - class_path: lightning_modules.callbacks.meta_rollout_evaluation.MetaRolloutEvaluation
       init_args: {every_n_steps: 2, trials: 2, episodes: 2, seed: 0, video: false}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {monitor: eval/success_mean, mode: max, every_n_train_steps: 2, save_top_k: 1, save_last: true,

@@ -14,9 +14,11 @@ import torch
 import lightning.pytorch as pl
 from envs.scripted import DrawerOpener
 from envs.two_drawers import EnvConfig
-from lightning_modules.evaluation import (MetaRolloutEvaluation, TrialRunner, eval_env_config, obs_mode_for,
-                                          run_trials)
-from lightning_modules.variational_filter import VariationalFilterModule
+from envs.keys import obs_mode_for
+from lightning_modules.callbacks.meta_rollout_evaluation import MetaRolloutEvaluation
+from lightning_modules.evaluation.protocol import eval_env_config
+from lightning_modules.evaluation.runner import TrialRunner, run_trials
+from lightning_modules.filter.belief_filter import BeliefFilter
 
 SMALL_FILTER = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8)
 STATE_ENV = EnvConfig(obs_mode="state", episode_length=40)
@@ -25,7 +27,7 @@ STATE_ENV = EnvConfig(obs_mode="state", episode_length=40)
 @pytest.fixture(scope="module")
 def state_filter():
     torch.manual_seed(0)
-    model = VariationalFilterModule(obs_keys=["state"], **SMALL_FILTER)
+    model = BeliefFilter(obs_keys=["state"], **SMALL_FILTER)
     # non-trivial state statistics, as after training
     model.rssm.state_mean.copy_(torch.tensor([0.0, 0.6, 0.15, 0.05, 0.02, 0.02]))
     model.rssm.state_std.copy_(torch.tensor([0.1, 0.1, 0.05, 0.02, 0.04, 0.04]))
@@ -116,7 +118,7 @@ def test_eval_env_config(state_filter):
     assert obs_mode_for(["state"]) == "state" and obs_mode_for(["pixels", "state"]) == "pixels_state"
     cfg = eval_env_config(state_filter, EnvConfig(obs_mode="pixels_state", image_size=32, episode_length=10).to_dict())
     assert cfg.obs_mode == "state" and cfg.episode_length == 10
-    pixel_filter = VariationalFilterModule(obs_keys=["pixels"], image_size=32, **SMALL_FILTER, cnn_depth=8)
+    pixel_filter = BeliefFilter(obs_keys=["pixels"], image_size=32, **SMALL_FILTER, cnn_depth=8)
     with pytest.raises(ValueError, match="image size"):
         eval_env_config(pixel_filter, EnvConfig(obs_mode="pixels", image_size=64))
     with pytest.raises(ValueError, match="no env parameters"):
@@ -126,7 +128,7 @@ def test_eval_env_config(state_filter):
 def test_pixel_filter_online_matches_offline():
     """Pixels go to the filter channels-first uint8, as in the datasets."""
     torch.manual_seed(0)
-    model = VariationalFilterModule(obs_keys=["pixels"], image_size=32, **SMALL_FILTER, cnn_depth=8).eval()
+    model = BeliefFilter(obs_keys=["pixels"], image_size=32, **SMALL_FILTER, cnn_depth=8).eval()
     cfg = EnvConfig(obs_mode="pixels", image_size=32, episode_length=6)
     r = TrialRunner(cfg, num_envs=2)
     try:
@@ -154,12 +156,13 @@ def trained_run(tiny_state_dataset, tmp_path_factory):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_modules.latent_cql import LatentCQLModule
+    from lightning_modules.cql.module import LatentCQLModule
 
     tmp = tmp_path_factory.mktemp("cql_run")
     torch.manual_seed(0)
-    filt = VariationalFilterModule(obs_keys=["state"], **SMALL_FILTER)
-    torch.save({"state_dict": filt.state_dict(), "hyper_parameters": dict(filt.hparams)}, tmp / "filter.ckpt")
+    filt = BeliefFilter(obs_keys=["state"], **SMALL_FILTER)  # a phase-1 checkpoint: the filter's spec and weights
+    torch.save({"belief_filter": filt.spec(), "state_dict": {f"filter.{k}": v for k, v in filt.state_dict().items()}},
+               tmp / "filter.ckpt")
     model = LatentCQLModule(str(tmp / "filter.ckpt"), hidden_dim=32, transition_batch_size=64, num_random=4)
     evaluation = MetaRolloutEvaluation(every_n_steps=2, trials=3, episodes=2, seed=0, video=True, save_best=True)
     ckpt = ModelCheckpoint(monitor="eval/success_last", mode="max", every_n_train_steps=2, save_top_k=1,
@@ -189,7 +192,7 @@ def test_callback_logs_and_writes_json(trained_run):
     assert Path(trained_run.ckpt.last_model_path).is_file()
     # the DDP-safe best checkpoint written by the callback itself (rank 0, no barrier)
     best = Path(trained_run.ckpt.dirpath) / "best_eval.ckpt"
-    from lightning_modules.latent_cql import LatentCQLModule
+    from lightning_modules.cql.module import LatentCQLModule
 
     assert best.is_file() and LatentCQLModule.load_phase2(best).env_config["obs_mode"] == "state"
     with pytest.raises(ValueError, match="best_metric"):
@@ -210,7 +213,7 @@ def test_resumed_run_keeps_earlier_evaluations(trained_run, tiny_state_dataset):
     drops the step-3 one of the abandoned continuation and appends the new evaluations."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_modules.latent_cql import LatentCQLModule
+    from lightning_modules.cql.module import LatentCQLModule
 
     run_dir = Path(trained_run.trainer.log_dir)
     resume_from = Path(trained_run.ckpt.dirpath) / "best-step=2.ckpt"
@@ -240,7 +243,7 @@ def test_evaluate_cli(trained_run, tmp_path):
 
 
 def test_run_trials_uses_stored_env_config(trained_run):
-    from lightning_modules.latent_cql import LatentCQLModule
+    from lightning_modules.cql.module import LatentCQLModule
 
     model = LatentCQLModule.load_phase2(trained_run.ckpt.last_model_path)
     result = run_trials(model, trials=2, episodes=1, record=True)

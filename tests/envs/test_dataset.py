@@ -18,7 +18,7 @@ from envs.collect import collect_dataset, load_config, main
 from envs.dataset import DatasetError, open_dataset, progress_path
 from envs.two_drawers import EnvConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _assert_same(a, b) -> None:
@@ -131,7 +131,7 @@ def test_collect_cli_errors_name_the_problem(tmp_path, capsys):
 
 
 def test_shipped_collection_configs_parse():
-    for path in sorted((REPO / "configs" / "data").glob("*.yaml")):
+    for path in sorted((REPO / "configs" / "collect").glob("*.yaml")):
         config = load_config(str(path), [])
         EnvConfig.from_dict(config.env)
 

@@ -1,0 +1,84 @@
+"""The variational filter's objective as pure functions (no module state, no randomness of their own).
+
+The paper's extended ELBO (section 3.6), per step, with the reward both an input and a reconstruction target:
+
+    log O(o_t | s_t) + beta * log R(r_t | s_t) - KL(q(s_t | h_t, o_t, r_t) || p(s_t | h_t))
+
+plus, with ``prior_reward_weight > 0``, ``beta * prior_reward_weight * log R(r_t | s~_t)`` for a state
+``s~_t ~ p(s_t | h_t)`` that has not seen the reward (see :mod:`lightning_modules.filter.module`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from envs.keys import PIXELS
+from lightning_modules.filter.rssm import REWARD_OUT
+
+
+@dataclass(frozen=True)
+class ElboWeights:
+    """The weights of the objective's terms (the filter module's hyper-parameters of the same names)."""
+
+    beta: float = 10.0
+    reward_std: float = 1.0
+    prior_reward_weight: float = 1.0
+    kl_weight: float = 1.0
+    free_nats: float = 0.0
+
+    def __post_init__(self) -> None:
+        if min(self.beta, self.kl_weight, self.free_nats, self.prior_reward_weight) < 0 or self.reward_std <= 0:
+            raise ValueError("beta, kl_weight, free_nats and prior_reward_weight must be >= 0 and reward_std > 0")
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    """x[:, t-1] at index t, zeros at t=0 (previous action / reward that arrived with o_t)."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+
+
+def gaussian_kl(mean_q: torch.Tensor, std_q: torch.Tensor, mean_p: torch.Tensor, std_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_q, std_q) || N(mean_p, std_p)) summed over the last dim (computed in fp32)."""
+    mean_q, std_q, mean_p, std_p = (x.float() for x in (mean_q, std_q, mean_p, std_p))
+    var_ratio = (std_q / std_p).square()
+    return 0.5 * (var_ratio + ((mean_q - mean_p) / std_p).square() - 1.0 - var_ratio.log()).sum(-1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, event_dims: int) -> torch.Tensor:
+    """log N(x; mean, std^2) summed over the last ``event_dims`` dims (fp32)."""
+    d = (x.float() - mean.float()) / std
+    lp = -0.5 * d.square() - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(-event_dims).sum(-1)
+
+
+def elbo_loss(target_obs: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], reward_in: torch.Tensor,
+              prior_reward: torch.Tensor, out: dict[str, torch.Tensor],
+              weights: ElboWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss (negative weighted ELBO per step, plus the prior-reward term) and its per-step terms.
+
+    Args:
+        target_obs: normalised observations [B, L, ...] per key (the reconstruction targets).
+        decoded: decoder means per observation key and :data:`REWARD_OUT`, from the fed-forward states.
+        reward_in: r_t [B, L, 1] (the reward input, also the reward target).
+        prior_reward: reward predicted from a prior state [B, L, 1].
+        out: the filter pass (``post_mean``/``post_std``/``prior_mean``/``prior_std`` [B, L, S]).
+
+    Returns ``(loss, terms)``; ``terms``: ``obs_nll``, ``reward_nll``, ``kl``, ``prior_reward_nll`` (per-step
+    means) and ``elbo`` (the paper's ELBO per step, without the prior-reward term).
+    """
+    obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], 1.0, 3 if k == PIXELS else 1) for k in target_obs)
+    rew_ll = gaussian_log_prob(reward_in, decoded[REWARD_OUT], weights.reward_std, 1)
+    kl = gaussian_kl(out["post_mean"], out["post_std"], out["prior_mean"], out["prior_std"])
+    kl_term = torch.clamp(kl.mean(), min=weights.free_nats) if weights.free_nats > 0 else kl.mean()
+    loss = -(obs_ll.mean() + weights.beta * rew_ll.mean()) + weights.kl_weight * kl_term
+    prior_rew_ll = gaussian_log_prob(reward_in, prior_reward, weights.reward_std, 1)
+    if weights.prior_reward_weight > 0:
+        loss = loss - weights.beta * weights.prior_reward_weight * prior_rew_ll.mean()
+    terms = {
+        "obs_nll": -obs_ll.mean(), "reward_nll": -rew_ll.mean(), "kl": kl.mean(),
+        "prior_reward_nll": -prior_rew_ll.mean(),
+        "elbo": (obs_ll + weights.beta * rew_ll - kl).mean(),
+    }
+    return loss, terms
