@@ -9,7 +9,6 @@ continues the same stream; each DDP rank draws its own stream (seeded by its glo
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,9 +25,8 @@ from envs.dataset import obs_keys as stored_obs_keys
 from envs.two_drawers import ACTION_DIM, NUM_TASKS, EnvConfig
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
-# Lightning warns about any IterableDataset with __len__ under several workers; these streams split the
-# batches between workers by index (see MetaExplorationStream), so the length is exact.
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", module="lightning")
+# (Lightning warns about any IterableDataset with __len__ under several workers; these streams split the batches
+# between workers by index (see MetaExplorationStream), so the length is exact: the `lightning` command silences it.)
 STATE_VERSION = 1
 
 
@@ -127,7 +125,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
     Loading: ``num_workers`` DataLoader processes; ``in_memory`` copies the buffers into RAM (else they stay
     memory-mapped); ``device`` (e.g. "cuda": this rank's GPU under a trainer; implies ``in_memory``, needs
     ``num_workers=0``) keeps them on that device and gathers batches there; ``pin_memory`` pins CPU batches when
-    CUDA is available.
+    CUDA is available. ``verify``: ``prepare_data`` checks the dataset's file sizes, rollout checksums and finite
+    values every time (``envs.integrity``; ~0.1 s for the state quickstart, see docs/RELIABILITY.md).
     """
 
     def __init__(
@@ -156,12 +155,17 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         device: str | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        verify: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
         self.env = EnvConfig(obs_mode=obs_mode, image_size=image_size, episode_length=episode_length)
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
+        beyond = [k for k in self.obs_keys if k not in stored_obs_keys(self.env)]
+        if beyond:
+            raise ValueError(f"obs_keys {list(self.obs_keys)}: obs_mode {obs_mode!r} stores only "
+                             f"{list(stored_obs_keys(self.env))}")
         # the keys delivered, as a plain list: a model's hparam of the same name (linked by the CLI) must be equal
         self.hparams["obs_keys"] = list(self.obs_keys)
         self._hparams_initial["obs_keys"] = list(self.obs_keys)
@@ -180,16 +184,20 @@ class MetaExplorationDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ data
     def prepare_data(self) -> None:
-        """Collect the dataset if ``root`` has none, an unfinished one, or fewer rollouts than configured."""
+        """Collect the dataset if ``root`` has none, an unfinished one, or fewer rollouts than configured; then
+        (``verify``) check its file sizes, checksums and values (a damaged one raises a ``DatasetError`` naming it)."""
+        complete = False
         if (self.root / METADATA_FILE).exists():
             meta = read_metadata(self.root)  # a corrupt one raises DatasetError (a ValueError) naming the file
-            if open_progress(self.root, meta).all() and meta.rollouts_per_task >= self.hparams.rollouts_per_task:
-                return
-        from envs.collect import collect_dataset  # MuJoCo/EGL only when collecting
+            complete = open_progress(self.root, meta).all() and meta.rollouts_per_task >= self.hparams.rollouts_per_task
+        if not complete:
+            from envs.collect import collect_dataset  # MuJoCo/EGL only when collecting
 
-        collect_dataset(self.root, self.env, rollouts_per_task=self.hparams.rollouts_per_task,
-                        seed=self.hparams.collection_seed, noise_std=self.hparams.noise_std,
-                        workers=self.hparams.collection_workers, progress=False)
+            collect_dataset(self.root, self.env, rollouts_per_task=self.hparams.rollouts_per_task,
+                            seed=self.hparams.collection_seed, noise_std=self.hparams.noise_std,
+                            workers=self.hparams.collection_workers, progress=False)
+        if self.hparams.verify:
+            open_dataset(self.root).verify()
 
     def setup(self, stage: str | None = None) -> None:
         """Open and check the dataset, build the sampler (once) and, when fitting, attach the progress tracker."""

@@ -2,6 +2,7 @@
 
     python -m envs.collect                                   # small embedded default -> data/quickstart
     python -m envs.collect --config configs/collect/two_drawers.yaml [key=value ...]
+    python -m envs.collect --config configs/collect/two_drawers.yaml --verify   # check a collected dataset
 
 Rollout ``j`` of task ``i`` always uses the seed derived from (seed, i, j), so a killed run started again
 re-collects only the unfinished rollouts and ends with exactly the dataset an uninterrupted run makes.
@@ -9,7 +10,8 @@ Workers are separate processes (each with its own EGL context) writing into the 
 buffers; only the main process marks rollouts finished. With ``envs_per_worker > 1`` a worker steps that many
 envs in lockstep and draws their frames as tiles of one offscreen buffer (:class:`envs.tiled_render.TiledRenderer`):
 one read-back per step for all of them, which is what makes rendering fast on a GPU. Tiled frames equal
-``mujoco.Renderer``'s up to rare 1-grey-level rounding differences, so keep one setting per dataset.
+``mujoco.Renderer``'s up to rare 1-grey-level rounding differences, so keep one setting per dataset. Each rollout's
+checksum (:mod:`envs.integrity`) is stored before the rollout is marked finished; ``--verify`` recomputes them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,14 +40,19 @@ from envs.dataset import (  # noqa: E402
     buffer_dir,
     create_or_extend,
     obs_keys,
+    open_checksums,
+    open_dataset,
     open_progress,
     read_metadata,
 )
+from envs.errors import run_command  # noqa: E402
+from envs.integrity import rollout_checksum  # noqa: E402
 from envs.scripted import DrawerOpener  # noqa: E402
 from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED  # noqa: E402
 from envs.seeding import derive_seed  # noqa: E402
 from envs.tiled_render import TiledRenderer  # noqa: E402
 from envs.two_drawers import EnvConfig, SawyerTwoDrawersEnv  # noqa: E402
+from envs.typed import check_types  # noqa: E402
 
 
 @dataclass
@@ -127,12 +135,15 @@ class _Writer:
         n = self.meta.rollouts_per_task
         self.buffers = [TensorDict.load_memmap(buffer_dir(Path(root), i, n)) for i in range(self.meta.num_tasks)]
 
-    def __call__(self, jobs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def __call__(self, jobs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """Collect and write the rollouts; returns (task, index, checksum) for each."""
         tasks = [task for task, _ in jobs]
         seeds = [rollout_seed(self.meta.seed, task, index) for task, index in jobs]
+        done = []
         for (task, index), rollout in zip(jobs, run_rollouts(self.envs, tasks, seeds, self.meta.noise_std, self.renderer)):
             self.buffers[task][index] = rollout
-        return jobs
+            done.append((task, index, rollout_checksum(self.buffers[task][index])))
+        return done
 
     def close(self) -> None:
         for env in self.envs:
@@ -150,7 +161,7 @@ def _init_worker(root: str, meta: dict[str, Any], envs_per_worker: int) -> None:
     _WORKER = _Writer(root, meta, envs_per_worker)
 
 
-def _work(jobs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _work(jobs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     assert _WORKER is not None
     return _WORKER(jobs)
 
@@ -184,19 +195,24 @@ def collect_dataset(
     create_or_extend(root, wanted)
     meta = read_metadata(root)
     flags = open_progress(root, meta, mode="r+")
+    sums = open_checksums(root, meta, mode="r+")
     jobs = [(int(t), int(i)) for t, i in zip(*np.nonzero(~flags))]
     if jobs:
         chunks = [jobs[i : i + envs_per_worker] for i in range(0, len(jobs), envs_per_worker)]
         for finished in _run(str(root), meta, chunks, workers, envs_per_worker, progress):
-            for task, index in finished:
+            if sums is not None:  # the checksums first: a finished rollout always has its checksum
+                for task, index, checksum in finished:
+                    sums[task, index] = checksum
+                sums.flush()
+            for task, index, _ in finished:
                 flags[task, index] = True
             flags.flush()
-    del flags
+    del flags, sums
     return OfflineDataset(root)
 
 
 def _run(root: str, meta: DatasetMetadata, chunks: list[list[tuple[int, int]]], workers: int, envs_per_worker: int,
-         progress: bool) -> Iterable[list[tuple[int, int]]]:
+         progress: bool) -> Iterable[list[tuple[int, int, int]]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("collecting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress)
@@ -205,7 +221,7 @@ def _run(root: str, meta: DatasetMetadata, chunks: list[list[tuple[int, int]]], 
         writer, pool = None, None
         if workers == 0:
             writer = _Writer(root, meta.to_dict(), envs_per_worker)
-            results: Iterable[list[tuple[int, int]]] = map(writer, chunks)
+            results: Iterable[list[tuple[int, int, int]]] = map(writer, chunks)
         else:
             initargs = (root, meta.to_dict(), envs_per_worker)
             pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs)
@@ -240,24 +256,43 @@ def load_config(path: str | None, overrides: list[str]) -> CollectConfig:
     if unknown:
         raise ValueError(f"unknown collection config key(s) {unknown}; known keys: {sorted(known)}")
     config = CollectConfig(**data)
-    EnvConfig.from_dict(config.env)  # fail early on unknown env parameters
+    check_types(config)
+    EnvConfig.from_dict(config.env)  # fail early on unknown env parameters or values of the wrong type
+    if config.rollouts_per_task < 1 or config.workers < 0 or config.envs_per_worker < 1:
+        raise ValueError(f"rollouts_per_task and envs_per_worker must be >= 1 and workers >= 0, got "
+                         f"{config.rollouts_per_task}, {config.envs_per_worker}, {config.workers}")
     return config
 
 
+def verify(root: str | os.PathLike, sample: int | None = None) -> str:
+    """Verify the dataset at ``root`` (:meth:`OfflineDataset.verify`); a one-line report, or a named error."""
+    start = time.perf_counter()
+    dataset = open_dataset(root)  # buffer file sizes checked on open
+    checked, with_checksum = dataset.verify(sample)
+    note = "" if with_checksum == checked else f" ({checked - with_checksum} without a stored checksum: finite check only)"
+    return (f"{dataset.root}: {checked} rollouts verified, {with_checksum} against their checksums{note}, all values "
+            f"finite, in {time.perf_counter() - start:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point (named errors: one line, exit 2; see :mod:`envs.errors`)."""
     parser = argparse.ArgumentParser(prog="python -m envs.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML collection config (default: small embedded quickstart)")
+    parser.add_argument("--verify", action="store_true",
+                        help="verify the dataset at the config's root (file sizes, checksums, finite values); collect nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollouts_per_task=50 env.image_size=32")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        env = EnvConfig.from_dict(config.env)
-        dataset = collect_dataset(config.root, env, config.rollouts_per_task, config.seed, config.noise_std,
-                                  config.workers, envs_per_worker=config.envs_per_worker)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _collect(args))
+
+
+def _collect(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.verify:
+        print(verify(config.root))
+        return 0
+    env = EnvConfig.from_dict(config.env)
+    dataset = collect_dataset(config.root, env, config.rollouts_per_task, config.seed, config.noise_std,
+                              config.workers, envs_per_worker=config.envs_per_worker)
     print(dataset)
     if config.preview:
         if PIXELS in obs_keys(env):

@@ -4,6 +4,7 @@ Layout of a dataset folder::
 
     metadata.json        format version, env parameters, seed, noise, counts (written atomically, last)
     progress_n{N}.npy    bool [num_tasks, N]: rollout finished and flushed
+    checksums_n{N}.npy   int64 [num_tasks, N]: each finished rollout's checksum (envs.integrity; 0 = none)
     task_{i}_n{N}/       TensorDict memmap of task i, batch size [N, T] (N rollouts of T agent steps)
 
 Buffer and progress names carry N, so growing a dataset writes a new generation beside the old one and
@@ -28,6 +29,7 @@ import torch
 from tensordict import TensorDict
 
 from envs.atomic import write_json_atomic
+from envs.integrity import NO_CHECKSUM, DatasetError, check_buffer_files, verify_rollouts
 from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED, obs_keys_for
 from envs.two_drawers import ACTION_DIM, NUM_TASKS, STATE_DIM, EnvConfig
 
@@ -45,8 +47,9 @@ def progress_path(root: Path, n: int) -> Path:
     return root / f"progress_n{n}.npy"
 
 
-class DatasetError(ValueError):
-    """A dataset folder is missing, corrupt, incomplete or does not match what was asked for."""
+def checksums_path(root: Path, n: int) -> Path:
+    """Per-rollout checksums of the generation with ``n`` rollouts per task."""
+    return root / f"checksums_n{n}.npy"
 
 
 @dataclass(frozen=True)
@@ -147,13 +150,29 @@ def open_progress(root: Path, meta: DatasetMetadata, mode: str = "r") -> np.ndar
     return progress
 
 
+def open_checksums(root: Path, meta: DatasetMetadata, mode: str = "r") -> np.ndarray | None:
+    """The [num_tasks, N] rollout checksums, memory-mapped; None for a dataset collected before they existed."""
+    path = checksums_path(root, meta.rollouts_per_task)
+    if not path.exists():
+        return None
+    try:
+        sums = np.load(path, mmap_mode=mode)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"corrupt {path.name} in {root}: {err}") from err
+    if sums.shape != (meta.num_tasks, meta.rollouts_per_task) or sums.dtype != np.int64:
+        raise DatasetError(f"corrupt {path.name} in {root}: shape {sums.shape} {sums.dtype}")
+    return sums
+
+
 def _load_buffer(root: Path, task: int, meta: DatasetMetadata) -> TensorDict:
     path = buffer_dir(root, task, meta.rollouts_per_task)
+    template = empty_rollouts(meta.env, meta.rollouts_per_task)
+    if path.is_dir():
+        check_buffer_files(path, template)  # before mapping: a short file would be grown with zeros
     try:
         buffer = TensorDict.load_memmap(path)
     except Exception as err:  # tensordict raises several types for broken folders
         raise DatasetError(f"corrupt task buffer {path}: {err}") from err
-    template = empty_rollouts(meta.env, meta.rollouts_per_task)
     want = {k: (tuple(v.shape), v.dtype) for k, v in template.items(include_nested=True, leaves_only=True)}
     have = {k: (tuple(v.shape), v.dtype) for k, v in buffer.items(include_nested=True, leaves_only=True)}
     if want != have:
@@ -197,6 +216,16 @@ class OfflineDataset:
     def obs_keys(self) -> tuple[str, ...]:
         return obs_keys(self.metadata.env)
 
+    def verify(self, sample: int | None = None, seed: int = 0) -> tuple[int, int]:
+        """Recompute rollout checksums and check finite values (all rollouts, or ``sample`` random ones);
+        :class:`~envs.integrity.IntegrityError` naming the first bad rollout. Returns (checked, with checksum)."""
+        pairs = [(t, i) for t in range(self.num_tasks) for i in range(self.rollouts_per_task)]
+        if sample is not None and sample < len(pairs):
+            chosen = np.random.default_rng(seed).choice(len(pairs), size=sample, replace=False)
+            pairs = [pairs[j] for j in sorted(chosen)]
+        checksums = open_checksums(self.root, self.metadata)
+        return len(pairs), verify_rollouts(self.buffers, checksums, self.root, pairs)
+
     def __repr__(self) -> str:
         m = self.metadata
         return (f"OfflineDataset({self.root}, tasks={m.num_tasks}, rollouts_per_task={m.rollouts_per_task}, "
@@ -214,6 +243,12 @@ def create_or_extend(root: Path, meta: DatasetMetadata) -> None:
     A new folder is created; an existing one with the same source (env parameters, seed, noise) and fewer
     rollouts is grown into a new generation; any mismatch raises :class:`DatasetError` and changes nothing.
     """
+    if root.is_dir() and not (root / METADATA_FILE).exists():
+        leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(("task_", "progress", "checksums")))
+        if leftovers:
+            raise DatasetError(f"{root} holds dataset files ({', '.join(leftovers[:3])}{', ...' if len(leftovers) > 3 else ''}) "
+                               f"but no {METADATA_FILE}: refusing to write into it; restore {METADATA_FILE} or move "
+                               f"the folder away, or collect into another root")
     root.mkdir(parents=True, exist_ok=True)
     old: DatasetMetadata | None = None
     if (root / METADATA_FILE).exists():
@@ -231,6 +266,7 @@ def create_or_extend(root: Path, meta: DatasetMetadata) -> None:
             return
     n = meta.rollouts_per_task
     progress = np.zeros((meta.num_tasks, n), dtype=bool)
+    sums = np.full((meta.num_tasks, n), NO_CHECKSUM, dtype=np.int64)
     for task in range(meta.num_tasks):
         staging = buffer_dir(root, task, n)
         if staging.exists():  # left by a run killed before it switched generations
@@ -241,10 +277,15 @@ def create_or_extend(root: Path, meta: DatasetMetadata) -> None:
         del grown
     if old is not None:
         progress[:, : old.rollouts_per_task] = open_progress(root, old)
-    tmp = root / "progress.tmp.npy"
-    np.save(tmp, progress)
-    os.replace(tmp, progress_path(root, n))
+        old_sums = open_checksums(root, old)
+        if old_sums is not None:
+            sums[:, : old.rollouts_per_task] = old_sums
+    for array, path in ((progress, progress_path(root, n)), (sums, checksums_path(root, n))):
+        tmp = root / f"{path.stem}.tmp.npy"
+        np.save(tmp, array)
+        os.replace(tmp, path)
     write_json_atomic(root / METADATA_FILE, meta.to_dict())  # the switch
-    for stale in list(root.glob("task_*_n*")) + list(root.glob("progress_n*.npy")):
-        if stale not in {buffer_dir(root, t, n) for t in range(meta.num_tasks)} | {progress_path(root, n)}:
+    keep = {buffer_dir(root, t, n) for t in range(meta.num_tasks)} | {progress_path(root, n), checksums_path(root, n)}
+    for stale in list(root.glob("task_*_n*")) + list(root.glob("progress_n*.npy")) + list(root.glob("checksums_n*.npy")):
+        if stale not in keep:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

@@ -19,6 +19,7 @@ import numpy as np
 from envs.keys import OBS_MODES as MODE_KEYS
 from envs.keys import PIXELS, STATE
 from envs.scene import DRAWER_PREFIXES, SCENE_CAMERA, SceneConfig, build_model
+from envs.typed import check_types
 
 OBS_MODES = tuple(MODE_KEYS)
 NUM_TASKS = 2
@@ -44,6 +45,12 @@ class EnvConfig:
     mocap_high: tuple[float, float, float] = (0.35, 0.90, 0.40)
     fast_render: bool = True
     scene: SceneConfig = field(default_factory=SceneConfig)
+
+    def __post_init__(self) -> None:
+        check_types(self, "env.")
+        check_types(self.scene, "env.scene.")
+        if self.obs_mode not in OBS_MODES:
+            raise ValueError(f"unknown obs_mode {self.obs_mode!r}; choose one of {OBS_MODES}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

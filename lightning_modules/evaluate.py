@@ -11,6 +11,7 @@ written before they were stored). ``--video out.mp4`` also writes trial 0 as a v
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from envs.gl import select_headless_gl
 select_headless_gl()
 
 import torch  # noqa: E402
+
+from envs.errors import run_command  # noqa: E402
 
 from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
 from lightning_modules.evaluation.protocol import SUCCESS_METRICS, eval_env_config  # noqa: E402
@@ -41,8 +44,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before the checkpoint is loaded or a trial runs (named ``ValueError``)."""
+    if args.trials < 1 or args.episodes < 1:
+        raise ValueError(f"--trials and --episodes must be >= 1, got {args.trials} and {args.episodes}")
+    if args.num_envs is not None and args.num_envs < 1:
+        raise ValueError(f"--num-envs must be >= 1, got {args.num_envs}")
+    check_writable_file(args.out, "--out")
+    if args.video is not None:
+        check_writable_file(args.video, "--video")
+
+
+def check_writable_file(path: str, option: str) -> None:
+    """``option``'s file can be written: not a folder, its folder exists (or can be made) and is writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder: give a file name, e.g. {Path(path) / 'results.json'}")
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"{option} {path}: its folder cannot be created ({err.strerror})") from err
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise PermissionError(f"{option} {path} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (named errors: one line, exit 2; see :mod:`envs.errors`)."""
     args = parse_args(argv)
+    return run_command(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    check_args(args)
     model = LatentCQLModule.load_phase2(args.checkpoint, map_location="cpu").to(args.device)
     env_source = model.env_config
     if args.dataset is not None:

@@ -25,8 +25,9 @@ __all__ = ["PHASE_KEY", "check_finite", "check_phase", "derive_seed", "seeded_rn
 PHASE_KEY = "phase"  # the checkpoint entry naming the phase that wrote it: "filter" or "cql"
 
 
-def check_finite(terms: Mapping[str, torch.Tensor | float], step: int) -> None:
-    """Raise ``FloatingPointError`` naming every non-finite (NaN or +-inf) entry of ``terms``.
+def check_finite(terms: Mapping[str, torch.Tensor | float], step: int, batch: Any = None) -> None:
+    """Raise ``FloatingPointError`` naming every non-finite (NaN or +-inf) entry of ``terms``, and, when ``batch``
+    (a data batch [B, L]) is given and holds the cause, the input field, task, rollout and step it came from.
 
     One device synchronisation in the usual (all finite) case: the scalars are stacked and checked at once.
     Non-scalar tensors count as non-finite when any element is.
@@ -46,7 +47,26 @@ def check_finite(terms: Mapping[str, torch.Tensor | float], step: int) -> None:
             if isinstance(shown, float) and math.isnan(shown):
                 shown = "nan"
             bad.append(f"{name}={shown}")
-    raise FloatingPointError(f"non-finite loss term(s) at step {step}: " + ", ".join(bad))
+    cause = non_finite_input(batch) if batch is not None else None
+    raise FloatingPointError(f"non-finite loss term(s) at step {step}: " + ", ".join(bad) + (f"; {cause}" if cause else ""))
+
+
+def non_finite_input(batch: Any) -> str | None:
+    """Where a data batch [B, L] holds its first NaN/inf: field, source task, rollout and step (None: nowhere)."""
+    from envs.keys import ROLLOUT, STEP, TASK
+
+    keys = set(batch.keys(include_nested=True, leaves_only=True))
+    for key in sorted(keys, key=str):
+        value = batch[key]
+        if not value.is_floating_point():
+            continue
+        bad = ~torch.isfinite(value.reshape(*value.shape[:2], -1)).all(-1)
+        if bool(bad.any()):
+            b, t = (int(i) for i in torch.nonzero(bad)[0])
+            where = ", ".join(f"{name} {int(batch[k][b, t])}" for name, k in (("task", TASK), ("rollout", ROLLOUT),
+                                                                               ("step", STEP)) if k in keys)
+            return f"input {key} is non-finite at batch row {b}, position {t}" + (f" ({where})" if where else "")
+    return None
 
 
 @contextlib.contextmanager

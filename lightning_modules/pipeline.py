@@ -19,12 +19,20 @@ in chunks with ``--max-stages``). Layout under ``--out``::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from envs.atomic import write_json_atomic
+from envs.errors import run_command
+
+REPO = Path(__file__).resolve().parents[1]  # configs are found here, whatever the working directory
 
 PRESETS = {
     "quickstart": dict(data="configs/collect/quickstart_state.yaml", filter="configs/filter_quickstart.yaml",
@@ -37,19 +45,82 @@ METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlay
     "no_expl": ("no_expl", ["configs/ablations/no_expl.yaml"], ["configs/ablations/no_expl.yaml"]),
     "no_cql": ("synthetic", [], ["configs/ablations/no_cql.yaml"]),
 }
-DONE = "DONE"
+DONE = "DONE"            # written when a stage finished: its fingerprint and wall clock
+STARTED = "STAGE.json"   # written when a stage starts: its fingerprint (an interrupted stage resumes only with it)
+
+
+def config_path(relative: str) -> str:
+    """A config of the repository: as written when the working directory is the repository root, else absolute."""
+    here = Path(relative)
+    return relative if here.exists() and here.resolve() == (REPO / relative).resolve() else str(REPO / relative)
 
 
 @dataclass
 class Stage:
-    """One command of the pipeline and the folder whose ``DONE`` marker says it finished."""
+    """One command of the pipeline and the folder whose markers say it started / finished, with which arguments."""
 
     name: str
     argv: list[str]
     run_dir: Path | None = None
 
+    def fingerprint(self) -> dict:
+        """The stage's command and the contents of every config file it reads (what makes its result)."""
+        configs = {}
+        for i, arg in enumerate(self.argv[:-1]):
+            if arg == "--config":
+                path = Path(self.argv[i + 1])
+                text = path.read_text() if path.is_file() else ""
+                configs[_repo_relative(path)] = hashlib.sha256(text.encode()).hexdigest()
+                folder = path.parent / "data"  # the data-module blocks a config names (configs/data/*.yaml)
+                for block in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+                    configs[_repo_relative(block)] = hashlib.sha256(block.read_bytes()).hexdigest()
+        return {"argv": [_repo_relative(Path(a)) if a.endswith(".yaml") else a for a in self.argv[1:]],
+                "configs": configs}
+
+    def recorded(self, marker: str) -> dict | None:
+        """The fingerprint stored in ``marker`` (``{}`` for a marker of an older pipeline), None without one."""
+        path = self.run_dir / marker if self.run_dir is not None else None
+        if path is None or not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data.get("fingerprint", {}) if isinstance(data, dict) else {}
+
+    def check_same(self) -> None:
+        """``ValueError`` when this folder holds a stage run with other arguments or configs (naming what changed)."""
+        mine = self.fingerprint()
+        for marker in (DONE, STARTED):
+            theirs = self.recorded(marker)
+            if theirs is not None and theirs != mine:
+                raise ValueError(f"stage '{self.name}': {self.run_dir} holds a run made {_difference(theirs, mine)}: "
+                                 f"refusing to reuse or resume it; choose another --out (or delete that folder)")
+
     def done(self) -> bool:
-        return self.run_dir is not None and (self.run_dir / DONE).exists()
+        self.check_same()
+        return self.recorded(DONE) is not None
+
+
+def _repo_relative(path: Path) -> str:
+    """A path inside the repository as relative to it (the same whatever the working directory), else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def _difference(old: dict, new: dict) -> str:
+    if not old:
+        return "by an older pipeline (no record of its arguments)"
+    was, now = old.get("argv", []), new.get("argv", [])
+    if was != now:
+        gone = [a for a in was if a not in now][:4]
+        added = [a for a in now if a not in was][:4]
+        return f"with other arguments (was: {shlex.join(gone)}; now: {shlex.join(added)})"
+    changed = sorted(k for k in set(old.get("configs", {})) | set(new.get("configs", {}))
+                     if old.get("configs", {}).get(k) != new.get("configs", {}).get(k))
+    return f"with other config contents ({', '.join(changed[:3])})"
 
 
 def _lightning(*args: str) -> list[str]:
@@ -70,7 +141,7 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
          phase1_args: list[str], phase2_args: list[str], data_root: str | None = None,
          data_args: list[str] | None = None) -> list[Stage]:
     """The stages to run, in order (phase 1 of a data mode is shared by the methods that use it)."""
-    cfg = PRESETS[preset]
+    cfg = {k: config_path(v) for k, v in PRESETS[preset].items()}
     data_args = list(data_args or [])
     if data_root is not None:
         data_args.append(f"root={data_root}")
@@ -81,6 +152,7 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
     for seed in seeds:
         for method in methods:
             mode, overlays1, overlays2 = METHODS[method]
+            overlays1, overlays2 = [config_path(c) for c in overlays1], [config_path(c) for c in overlays2]
             key = (mode, seed)
             if key not in filters:
                 run = out / "filters" / mode / f"seed_{seed}"
@@ -126,11 +198,12 @@ def run_stage(stage: Stage) -> None:
         argv[i] = str(_best_checkpoint(Path(argv[i]).parent.parent))
     print(f"\n=== {stage.name}\n$ {_pretty(argv)}", flush=True)
     start = time.time()
+    if stage.run_dir is not None:
+        write_json_atomic(stage.run_dir / STARTED, {"fingerprint": stage.fingerprint()})
     subprocess.run(argv, check=True)
     print(f"=== {stage.name}: {time.time() - start:.0f} s", flush=True)
     if stage.run_dir is not None:
-        stage.run_dir.mkdir(parents=True, exist_ok=True)
-        (stage.run_dir / DONE).write_text(f"{time.time() - start:.1f} s\n")
+        write_json_atomic(stage.run_dir / DONE, {"fingerprint": stage.fingerprint(), "seconds": round(time.time() - start, 1)})
 
 
 def summarize(out: Path) -> None:
@@ -161,11 +234,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-args", default="", metavar="ARGS", help='extra key=value overrides of the data stage, one string')
     p.add_argument("--max-stages", type=int, default=None, help="run at most this many unfinished stages, then stop")
     args = p.parse_args(argv)
+    return run_command(lambda: _run(args))
+
+
+def _split(option: str, text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise ValueError(f"{option} {text!r} cannot be split into arguments ({err}): quote it as one string, "
+                         f'e.g. {option}="--trainer.max_steps 500"') from err
+
+
+def _check_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {folder} is not writable")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Validate every argument (before any work), then run the stages that are not done."""
+    if args.trials < 1 or args.episodes < 1:
+        raise ValueError(f"--trials and --episodes must be >= 1, got {args.trials} and {args.episodes}")
+    if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    if args.max_stages is not None and args.max_stages < 1:
+        raise ValueError(f"--max-stages must be >= 1, got {args.max_stages}")
+    extra = {name: _split(f"--{name.replace('_', '-')}", getattr(args, name))
+             for name in ("phase1_args", "phase2_args", "data_args")}
     out = args.out or Path("runs") / f"pipeline_{args.preset}"
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     stages = plan(args.preset, args.methods, args.seeds, out, args.trials, args.episodes,
-                  shlex.split(args.phase1_args), shlex.split(args.phase2_args), args.data_root,
-                  shlex.split(args.data_args))
+                  extra["phase1_args"], extra["phase2_args"], args.data_root, extra["data_args"])
+    for stage in stages:
+        stage.check_same()  # every folder, before the first stage runs
     ran = 0
     for stage in stages:
         if stage.done():

@@ -74,10 +74,11 @@ def sample_batch(dataset, batch_size: int = 3, num_segments: int = 2, seed: int 
 
 
 def tiny_datamodule(dataset, cls=None, **kw):
+    """A MetaExplorationDataModule over a fixture dataset (every stored observation key unless ``obs_keys``)."""
     from datamodules import MetaExplorationDataModule
 
     env = dataset.env_config
-    args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size, obs_keys=["state"],
+    args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size, obs_keys=None,
                 episode_length=env.episode_length, rollouts_per_task=dataset.rollouts_per_task, num_segments=2,
                 batch_size=2, batches_per_epoch=3, val_batches=1)
     args.update(kw)
@@ -92,3 +93,18 @@ def cpu_trainer(tmp_path, **kw):
                 limit_val_batches=0, default_root_dir=str(tmp_path))
     args.update(kw)
     return pl.Trainer(**args)
+
+
+def assert_same_core_state(a: dict, b: dict) -> None:
+    """Two checkpoints agree on step, data stream, noise seed, every weight and buffer and the optimiser state."""
+    import torch
+
+    assert a["global_step"] == b["global_step"]
+    assert a["MetaExplorationDataModule"] == b["MetaExplorationDataModule"]
+    assert a["noise_seed"] == b["noise_seed"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=1e-6, msg=key)
+    [opt_a], [opt_b] = a["optimizer_states"], b["optimizer_states"]
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    torch.testing.assert_close(opt_b["state"], opt_a["state"], rtol=0, atol=1e-6)  # Adam moments and step counts

@@ -27,7 +27,7 @@ Logs: the loss terms under ``losses/`` (``losses/loss_qvalue``, ``losses/loss_cq
 on validation batches (no update).
 
 Guards: non-finite loss terms stop the run naming them; the randomness of a training step is drawn from the global
-RNG seeded by (``noise_seed``, stream, rank, global step, batch index) and restored afterwards, so a resumed run
+RNG seeded by (``noise_seed``, stream, rank, global step) and restored afterwards, so a resumed run
 continues exactly as the uninterrupted run.
 """
 
@@ -48,7 +48,7 @@ from lightning_modules.cql.loss import TOTAL, LatentCQLLoss
 from lightning_modules.cql.networks import BELIEF, BeliefNormalizer, make_actor, make_qvalue, move_distribution_kwargs
 from lightning_modules.cql.transitions import BeliefCache, flat_transitions, random_index
 from lightning_modules.filter.belief_filter import SPEC_KEY, BeliefFilter
-from lightning_modules.guards import PHASE_KEY, check_finite, check_phase, derive_seed, step_noise
+from lightning_modules.guards import PHASE_KEY, check_finite, check_phase, step_noise
 
 PHASE = "cql"
 TRAIN_NOISE, VAL_NOISE = 0, 1  # random streams of training and validation steps
@@ -116,6 +116,8 @@ class LatentCQLModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["filter_spec"])
         # fail on the filter before any other work
+        if not filter_spec and not filter_checkpoint:
+            raise ValueError("filter_checkpoint is required: the phase-1 run's checkpoints/last.ckpt")
         self.filter = BeliefFilter.from_spec(filter_spec) if filter_spec else BeliefFilter.load(filter_checkpoint)
         problems = []
         if not 0.0 <= gamma <= 1.0:
@@ -268,11 +270,12 @@ class LatentCQLModule(pl.LightningModule):
         return step_noise(self, self.noise_seed, stream, index, self.device)
 
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
-        with self._noise(TRAIN_NOISE, derive_seed(self.global_step, batch_idx)):
+        with self._noise(TRAIN_NOISE, self.global_step):  # the step alone: independent of epoch length
             transitions = self.normalize(self.sample_transitions(batch))
             losses = self.compute_losses(transitions)
         terms = self.loss_module.loss_terms
-        check_finite({"train/loss": losses[TOTAL], **{f"losses/{k}": losses[k] for k in terms}}, self.global_step)
+        check_finite({"train/loss": losses[TOTAL], **{f"losses/{k}": losses[k] for k in terms}}, self.global_step,
+                     batch)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses[TOTAL])

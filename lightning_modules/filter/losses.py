@@ -54,31 +54,31 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, event_dim
 
 
 def elbo_loss(target_obs: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], reward_in: torch.Tensor,
-              prior_reward: torch.Tensor, out: dict[str, torch.Tensor],
-              weights: ElboWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss (negative weighted ELBO per step, plus the prior-reward term) and its per-step terms.
+              out: dict[str, torch.Tensor], weights: ElboWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The paper's loss (negative weighted ELBO per step, KL with free nats) and its per-step terms.
 
     Args:
         target_obs: normalised observations [B, L, ...] per key (the reconstruction targets).
         decoded: decoder means per observation key and :data:`REWARD_OUT`, from the fed-forward states.
         reward_in: r_t [B, L, 1] (the reward input, also the reward target).
-        prior_reward: reward predicted from a prior state [B, L, 1].
         out: the filter pass (``post_mean``/``post_std``/``prior_mean``/``prior_std`` [B, L, S]).
 
-    Returns ``(loss, terms)``; ``terms``: ``obs_nll``, ``reward_nll``, ``kl``, ``prior_reward_nll`` (per-step
-    means) and ``elbo`` (the paper's ELBO per step, without the prior-reward term).
+    Returns ``(loss, terms)``; ``terms``: ``obs_nll``, ``reward_nll``, ``kl`` (per-step means) and ``elbo`` (the
+    paper's ELBO per step).
     """
     obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], 1.0, 3 if k == PIXELS else 1) for k in target_obs)
     rew_ll = gaussian_log_prob(reward_in, decoded[REWARD_OUT], weights.reward_std, 1)
     kl = gaussian_kl(out["post_mean"], out["post_std"], out["prior_mean"], out["prior_std"])
     kl_term = torch.clamp(kl.mean(), min=weights.free_nats) if weights.free_nats > 0 else kl.mean()
     loss = -(obs_ll.mean() + weights.beta * rew_ll.mean()) + weights.kl_weight * kl_term
-    prior_rew_ll = gaussian_log_prob(reward_in, prior_reward, weights.reward_std, 1)
-    if weights.prior_reward_weight > 0:
-        loss = loss - weights.beta * weights.prior_reward_weight * prior_rew_ll.mean()
-    terms = {
-        "obs_nll": -obs_ll.mean(), "reward_nll": -rew_ll.mean(), "kl": kl.mean(),
-        "prior_reward_nll": -prior_rew_ll.mean(),
-        "elbo": (obs_ll + weights.beta * rew_ll - kl).mean(),
-    }
+    terms = {"obs_nll": -obs_ll.mean(), "reward_nll": -rew_ll.mean(), "kl": kl.mean(),
+             "elbo": (obs_ll + weights.beta * rew_ll - kl).mean()}
     return loss, terms
+
+
+def prior_reward_loss(reward_in: torch.Tensor, prior_reward: torch.Tensor,
+                      weights: ElboWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior-reward term added to the loss (zero weight: nothing) and ``prior_reward_nll`` (always logged)."""
+    prior_rew_ll = gaussian_log_prob(reward_in, prior_reward, weights.reward_std, 1)
+    added = -weights.beta * weights.prior_reward_weight * prior_rew_ll.mean()
+    return added, -prior_rew_ll.mean()

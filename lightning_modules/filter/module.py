@@ -54,7 +54,7 @@ and open-loop predictions: the :class:`~lightning_modules.callbacks.filter_image
 
 Training guards: a NaN/inf loss term stops the run with ``FloatingPointError`` naming it
 (:func:`lightning_modules.guards.check_finite`). The sampling noise of a training step is drawn from the global
-RNG seeded by (``noise_seed``, rank, global step, batch index) and the global state is restored afterwards
+RNG seeded by (``noise_seed``, rank, global step) and the global state is restored afterwards
 (validation: fixed noise per batch index), so a run resumed from a checkpoint continues exactly as the
 uninterrupted run would have (``noise_seed`` is ``torch.initial_seed()`` at construction, i.e. the
 ``seed_everything`` seed, and is saved in checkpoints).
@@ -70,10 +70,10 @@ from tensordict import TensorDictBase
 
 from envs.keys import PIXELS, TARGET_TASK, TASK
 from lightning_modules.filter.belief_filter import SPEC_KEY, BeliefFilter
-from lightning_modules.filter.losses import REWARD_OUT, ElboWeights, elbo_loss, shift_right
+from lightning_modules.filter.losses import REWARD_OUT, ElboWeights, elbo_loss, prior_reward_loss, shift_right
 from lightning_modules.filter.probe import ProbeCollector, collect_probe_positions, probe_metrics
 from lightning_modules.filter.rssm import FilterState
-from lightning_modules.guards import PHASE_KEY, check_finite, check_phase, derive_seed, step_noise
+from lightning_modules.guards import PHASE_KEY, check_finite, check_phase, step_noise
 
 PHASE = "filter"
 TRAIN_NOISE, VAL_NOISE = 0, 1  # noise streams (see lightning_modules.guards.step_noise)
@@ -190,10 +190,14 @@ class VariationalFilterModule(pl.LightningModule):
         out, reward_in = self.filter.run(batch, sample, step_fn=self._cell())
         target_obs = rssm.normalize_obs({k: batch[k] for k in self.obs_keys})
         dec = rssm.decode(rssm.features(out["stoch"], out["deter"]))
+        # (this order of the terms is the one the quickstart's results were made with: autograd sums gradients in it)
+        loss, terms = elbo_loss(target_obs, dec, reward_in, out, self.weights)
         prior_mean, prior_std = out["prior_mean"], out["prior_std"]
         prior_state = prior_mean + prior_std * torch.randn_like(prior_std) if sample else prior_mean
         prior_reward = rssm.reward_decoder(rssm.features(prior_state, out["deter"]))
-        loss, terms = elbo_loss(target_obs, dec, reward_in, prior_reward, out, self.weights)
+        added, terms["prior_reward_nll"] = prior_reward_loss(reward_in, prior_reward, self.weights)
+        if self.weights.prior_reward_weight > 0:
+            loss = loss + added
         return loss, {"terms": terms, "out": out, "dec": dec, "reward_in": reward_in, "prior_reward": prior_reward}
 
     # ------------------------------------------------------------------ training
@@ -205,11 +209,11 @@ class VariationalFilterModule(pl.LightningModule):
 
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> torch.Tensor:
         self.check_batch(batch)
-        with self._noise(TRAIN_NOISE, derive_seed(self.global_step, batch_idx)):
+        with self._noise(TRAIN_NOISE, self.global_step):  # the step alone: independent of epoch length
             loss, info = self.compute_losses(batch, sample=True)
         terms = info["terms"]
         check_finite({"train/loss": loss, **{f"losses/{k}": v for k, v in terms.items() if k != "elbo"}},
-                     self.global_step)
+                     self.global_step, batch)
         B = batch.batch_size[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/elbo", terms["elbo"], prog_bar=True, batch_size=B)
@@ -239,6 +243,8 @@ class VariationalFilterModule(pl.LightningModule):
 
         from lightning_modules.filter.probe import HP_PROBE_MEMORY
 
+        if self.global_step > 0:  # resumed: the run's HParams entry exists (its NaN placeholders were at step 0)
+            return
         params = dict(self.hparams_initial)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None:

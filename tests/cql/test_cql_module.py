@@ -14,20 +14,13 @@ from lightning_modules.cql.transitions import flat_transitions
 from lightning_modules.filter.belief_filter import BeliefFilter
 from lightning_modules.cql.networks import BELIEF
 from lightning_modules.filter.module import VariationalFilterModule
-from helpers import SMALL_FILTER, cpu_trainer, sample_batch  # noqa: E402
+from helpers import SMALL_FILTER, cpu_trainer, sample_batch, tiny_datamodule  # noqa: E402
 
 SMALL_CQL = dict(hidden_dim=32, transition_batch_size=64, num_random=4)
 
 
 def make_datamodule(dataset, **kw):
-    from datamodules import MetaExplorationDataModule
-
-    env = dataset.env_config
-    args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size,
-                episode_length=env.episode_length, rollouts_per_task=dataset.rollouts_per_task, num_segments=2,
-                batch_size=4, batches_per_epoch=4, val_batches=1)
-    args.update(kw)
-    return MetaExplorationDataModule(**args)
+    return tiny_datamodule(dataset, **{"batch_size": 4, "batches_per_epoch": 4, **kw})
 
 
 def make_trainer(tmp_path, **kw):

@@ -84,7 +84,8 @@ def test_extend_keeps_rollouts_and_refuses_other_params(tmp_path):
     big = collect_dataset(tmp_path / "ds", env, rollouts_per_task=4, progress=False)
     assert big.rollouts_per_task == 4 and torch.equal(big.buffers[0]["state"][:2], first)
     _assert_same(big, collect_dataset(tmp_path / "fresh", env, rollouts_per_task=4, progress=False))
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["metadata.json", "progress_n4.npy", "task_0_n4", "task_1_n4"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["checksums_n4.npy", "metadata.json", "progress_n4.npy",
+                                                             "task_0_n4", "task_1_n4"]
 
     before = (tmp_path / "ds" / "metadata.json").read_text()
     with pytest.raises(DatasetError, match="other parameters"):

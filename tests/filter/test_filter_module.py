@@ -13,6 +13,7 @@ import torch
 import lightning.pytorch as pl
 from lightning_modules.filter.rssm import RewardRSSM
 from lightning_modules.filter.module import VariationalFilterModule
+from helpers import tiny_datamodule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8, cnn_depth=8)
@@ -26,14 +27,7 @@ def _sample(dataset, batch_size=3, num_segments=3, seed=0, obs_keys=None):
 
 
 def _datamodule(dataset, **kw):
-    from datamodules import MetaExplorationDataModule
-
-    env = dataset.env_config
-    args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size,
-                episode_length=env.episode_length, rollouts_per_task=dataset.rollouts_per_task, num_segments=2,
-                batch_size=4, batches_per_epoch=3, val_batches=1)
-    args.update(kw)
-    return MetaExplorationDataModule(**args)
+    return tiny_datamodule(dataset, **{"batch_size": 4, "batches_per_epoch": 3, **kw})
 
 
 def _trainer(tmp_path, **kw):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO as ROOT  # noqa: E402
-from helpers import assert_ok, load_ckpt, scalars  # noqa: E402
+from helpers import assert_ok, assert_same_core_state, load_ckpt, scalars  # noqa: E402
 from helpers import cpu_trainer as _trainer  # noqa: E402
 from helpers import run_lightning as lightning  # noqa: E402
 from helpers import tiny_datamodule as _datamodule  # noqa: E402
@@ -31,6 +31,7 @@ trainer:
         every_n_train_steps: 3
         save_top_k: -1
         save_last: true
+        enable_version_counter: false
         filename: "{step}"
 optimizer:
   class_path: torch.optim.Adam
@@ -110,15 +111,7 @@ def full_run(tmp_path_factory, tiny_state_dataset):
 
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Parameters, buffers, optimiser and scheduler states, step counters and the sampler stream agree."""
-    assert a["global_step"] == b["global_step"]
-    assert a["MetaExplorationDataModule"] == b["MetaExplorationDataModule"]
-    assert a["noise_seed"] == b["noise_seed"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=1e-6, msg=key)
-    [opt_a], [opt_b] = a["optimizer_states"], b["optimizer_states"]
-    assert opt_a["param_groups"] == opt_b["param_groups"]
-    torch.testing.assert_close(opt_b["state"], opt_a["state"], rtol=0, atol=1e-6)  # Adam moments and step counts
+    assert_same_core_state(a, b)
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] > 0
 
 
@@ -146,19 +139,21 @@ def test_resume_continues_exactly(tmp_path, full_run, tiny_state_dataset):
     result = lightning("fit", "--config", str(stopped / "config.yaml"),
                        "--ckpt_path", str(stopped / "checkpoints" / "last.ckpt"), "--trainer.max_steps=6")
     assert_ok(result)
-    resumed_dir = run_dirs(save_dir)[-1]
-    assert resumed_dir != stopped
-    assert_same_training_state(reference, load_ckpt(resumed_dir / "checkpoints" / "last.ckpt"))
-    # the resumed run logs steps 3..5 only
-    assert [e.step for e in scalars(resumed_dir).Scalars("train/loss")] == [3, 4, 5]
+    assert run_dirs(save_dir) == [stopped]  # it continues in its own run folder
+    assert_same_training_state(reference, load_ckpt(stopped / "checkpoints" / "last.ckpt"))
+    # TensorBoard: steps 0..2 from the first run, 3..5 from the resumed one, each once
+    assert [e.step for e in scalars(stopped).Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
 
-    # a run killed after its step-3 checkpoint, resumed with its own config.yaml as saved
+    # a run killed after its step-3 checkpoint (its events go on to step 5), resumed with its own config.yaml
+    for later in ("last.ckpt", "step=6.ckpt"):  # written after the kill in the uninterrupted run
+        (full / "checkpoints" / later).unlink()
     result = lightning("fit", "--config", str(full / "config.yaml"),
                        "--ckpt_path", str(full / "checkpoints" / "step=3.ckpt"))
     assert_ok(result)
-    again = run_dirs(full_run["save_dir"])[-1]
-    assert again != full
-    assert_same_training_state(reference, load_ckpt(again / "checkpoints" / "last.ckpt"))
+    assert run_dirs(full_run["save_dir"]) == [full]
+    assert_same_training_state(reference, load_ckpt(full / "checkpoints" / "last.ckpt"))
+    # the events the killed run logged after its checkpoint are dropped: each step once
+    assert [e.step for e in scalars(full).Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------------- NaN guard
@@ -192,6 +187,8 @@ def test_nan_reward_stops_the_run_naming_the_terms(tmp_path, tiny_state_dataset)
         trainer.fit(model, _datamodule(tiny_state_dataset, cls=NaNRewardData))
     message = str(info.value)
     assert "train/loss=nan" in message and "losses/reward_nll=nan" in message, message
+    # the input that caused it: field, and the source task / rollout / step of that batch position
+    assert "input ('next', 'reward') is non-finite at batch row 0, position 5 (task " in message, message
     assert trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
