@@ -9,6 +9,7 @@ pre-collected state dataset (``tiny_state_dataset``) and a tiny filter checkpoin
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -227,8 +228,10 @@ def test_missing_filter_checkpoint_fails_first(tmp_path, tiny_state_dataset):
     assert not save_dir.exists()  # no run directory, no training
 
 
-def test_wrong_keys_are_named(tmp_path):
-    result = lightning("fit", "--config", str(QUICKSTART), "--model.init_args.no_such_key", "1", timeout=120)
+def test_wrong_keys_are_named(tmp_path, filter_ckpt):
+    with_filter = ["--model.init_args.filter_checkpoint", str(filter_ckpt)]  # required: given, to isolate the typo
+    result = lightning("fit", "--config", str(QUICKSTART), *with_filter, "--model.init_args.no_such_key", "1",
+                       timeout=120)
     assert result.returncode != 0
     assert "no_such_key" in result.stderr, result.stderr[-3000:]
     text = QUICKSTART.read_text()
@@ -236,6 +239,7 @@ def test_wrong_keys_are_named(tmp_path):
     assert text.count(right) == 1
     config = tmp_path / "typo.yaml"
     config.write_text(text.replace(right, "    refresh_evry: 4"))
-    result = lightning("fit", "--config", str(config), timeout=120)
+    shutil.copytree(QUICKSTART.parent / "data", tmp_path / "data")  # the data block it names, relative to it
+    result = lightning("fit", "--config", str(config), *with_filter, timeout=120)
     assert result.returncode != 0
     assert "refresh_evry" in result.stderr, result.stderr[-3000:]

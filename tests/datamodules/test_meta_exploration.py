@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules import MetaExplorationSampler, MetaExplorationStream, SamplerConfig, batch_generator
+from datamodules import MetaExplorationSampler, MetaExplorationStream, SamplerConfig
 from datamodules.datamodule import keep_batch
 
 def chi2_critical(df: int, z: float = 3.29) -> float:

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning.pytorch as pl
 from lightning_modules.filter.rssm import RewardRSSM
 from lightning_modules.filter.module import VariationalFilterModule
-from helpers import tiny_datamodule  # noqa: E402
+from helpers import cpu_trainer, tiny_datamodule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(deter_dim=32, stoch_dim=8, hidden_dim=32, mlp_hidden=32, state_embed_dim=32, reward_embed_dim=8, cnn_depth=8)
@@ -31,11 +30,7 @@ def _datamodule(dataset, **kw):
 
 
 def _trainer(tmp_path, **kw):
-    args = dict(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                limit_val_batches=0, default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
+    return cpu_trainer(tmp_path, **{"max_steps": 3, **kw})
 
 
 def _stepwise(model, batch):
