@@ -41,8 +41,8 @@ def make_model(args: argparse.Namespace, obs_keys=("state",), stoch=None, deter=
     fh = dict(obs_keys=list(obs_keys), image_size=image_size, stoch_dim=stoch or args.stoch_dim,
               deter_dim=deter or args.deter_dim)
     torch.manual_seed(0)
-    return LatentCQLModule("unused.ckpt", filter_hparams=fh, hidden_dim=args.hidden_dim, num_random=args.num_random,
-                           transition_batch_size=args.batch_size)
+    return LatentCQLModule("unused.ckpt", filter_spec={"format": 1, "kwargs": fh}, hidden_dim=args.hidden_dim,
+                           num_random=args.num_random, transition_batch_size=args.batch_size)
 
 
 def make_transitions(n: int, belief_dim: int, device: torch.device) -> TensorDict:
