@@ -15,6 +15,7 @@ are one line on stderr and exit status 2 (:mod:`envs.errors`).
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -84,7 +85,7 @@ class ReflectiveCLI(LightningCLI):
             return
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        step = _checkpoint_field(ckpt_path, "global_step")
+        step = _checkpoint_field(str(ckpt_path), "global_step")
         for logger in self.trainer.loggers:
             # events at steps >= the checkpoint's were logged by the run that was interrupted: drop them (a
             # SummaryWriter argument, set before the writer exists; TensorBoardLogger keeps it in _kwargs)
@@ -110,10 +111,9 @@ def check_ckpt_path(args: list[str]) -> None:
     if not values or values[-1] in ("last", "best", "hpc", "registry"):
         return
     path = values[-1]
-    ckpt = _load_checkpoint(path)
-    from lightning_modules.guards import PHASE_NAMES, checkpoint_phase
+    from lightning_modules.guards import PHASE_NAMES
 
-    found = checkpoint_phase(ckpt)
+    found = _checkpoint_summary(path)["phase"]
     model = _config_model_class(args)
     expected = PHASES.get(model.rsplit(".", 1)[-1]) if model else None
     if expected is not None and found != expected:
@@ -174,6 +174,17 @@ def _yaml(path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+@functools.lru_cache(maxsize=4)
+def _checkpoint_summary(path: str) -> dict[str, Any]:
+    """What the command needs of a ``--ckpt_path`` file (its phase, step and class path), read once."""
+    from lightning_modules.guards import checkpoint_phase
+
+    ckpt = _load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters")
+    return {"phase": checkpoint_phase(ckpt), "global_step": ckpt.get("global_step"),
+            "class_path": hparams.get("_class_path") if isinstance(hparams, dict) else None}
+
+
 def _load_checkpoint(path: str) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt_path {path} does not exist")
@@ -191,7 +202,7 @@ def _load_checkpoint(path: str) -> dict:
 
 def _checkpoint_field(path: str, key: str) -> Any:
     try:
-        return _load_checkpoint(path).get(key)
+        return _checkpoint_summary(str(path))[key]
     except (OSError, ValueError):
         return None
 
@@ -227,8 +238,7 @@ def _flag_values(args: list[str], flags: tuple[str, ...]) -> list[tuple[str, str
 
 
 def _checkpoint_class_path(path: str) -> str | None:
-    hparams = _checkpoint_field(path, "hyper_parameters")
-    return hparams.get("_class_path") if isinstance(hparams, dict) else None
+    return _checkpoint_field(path, "class_path")
 
 
 def build_cli(args: ArgsType = None) -> LightningCLI:

@@ -361,7 +361,7 @@ class LatentCQLModule(pl.LightningModule):
         if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
             raise ValueError(f"{str(path)!r} is not a LatentCQLModule checkpoint (no hyper_parameters)")
         check_phase(ckpt, PHASE, "the evaluation", path)
-        spec = BeliefFilter.from_checkpoint(ckpt).spec()
+        spec = BeliefFilter.checkpoint_spec(ckpt)[0]  # the weights come with the phase-2 state dict below
         hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_") and k != "filter_hparams"}
         model = cls(**hp, filter_spec=spec)
         model.load_state_dict(ckpt["state_dict"])

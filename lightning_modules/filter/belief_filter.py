@@ -115,23 +115,32 @@ class BeliefFilter(nn.Module):
             raise ValueError(f"filter checkpoint {str(path)!r}: {err}") from err
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any) -> "BeliefFilter":
-        """The filter of a loaded checkpoint dict (this layout, or the one before the hand-over existed)."""
+    def checkpoint_spec(cls, ckpt: Any) -> tuple[dict[str, Any], str]:
+        """The filter's spec in a loaded checkpoint dict and the prefix of its weights in the state dict (this
+        layout, or the one before the hand-over existed); ``ValueError`` when it holds no filter."""
         state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-        prefix = STATE_PREFIX
         if isinstance(ckpt, dict) and SPEC_KEY in ckpt:
-            model = cls.from_spec(ckpt[SPEC_KEY])
-        elif isinstance(ckpt, dict) and "filter_hparams" in ckpt:  # an older phase-2 checkpoint
-            model = cls(**cls.kwargs_from_hparams(ckpt["filter_hparams"]))
-        elif isinstance(ckpt, dict) and "hyper_parameters" in ckpt and any(k.startswith("rssm.") for k in state):
-            model, prefix = cls(**cls.kwargs_from_hparams(ckpt["hyper_parameters"])), ""  # an older phase-1 one
-        elif isinstance(ckpt, dict) and "hyper_parameters" in ckpt and any(k.startswith(prefix + "rssm.") for k in state):
-            model = cls(**cls.kwargs_from_hparams(ckpt["hyper_parameters"]))  # phase-1 weights and hparams only
-        else:
-            raise ValueError("it holds no belief filter (no 'belief_filter' entry): not a VariationalFilterModule checkpoint "
-                             "(phase 1) nor a LatentCQLModule one (phase 2)")
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        model.load_state_dict(weights)
+            return ckpt[SPEC_KEY], STATE_PREFIX
+        if isinstance(ckpt, dict) and "filter_hparams" in ckpt:  # an older phase-2 checkpoint
+            return cls._spec(ckpt["filter_hparams"]), STATE_PREFIX
+        if isinstance(ckpt, dict) and "hyper_parameters" in ckpt:
+            if any(k.startswith("rssm.") for k in state):  # an older phase-1 one
+                return cls._spec(ckpt["hyper_parameters"]), ""
+            if any(k.startswith(STATE_PREFIX + "rssm.") for k in state):  # phase-1 weights and hparams only
+                return cls._spec(ckpt["hyper_parameters"]), STATE_PREFIX
+        raise ValueError("it holds no belief filter (no 'belief_filter' entry): not a VariationalFilterModule checkpoint "
+                         "(phase 1) nor a LatentCQLModule one (phase 2)")
+
+    @classmethod
+    def _spec(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        return cls(**cls.kwargs_from_hparams(hparams)).spec()  # normalised exactly as a built filter stores it
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any) -> "BeliefFilter":
+        """The trained filter of a loaded checkpoint dict (see :meth:`checkpoint_spec`)."""
+        spec, prefix = cls.checkpoint_spec(ckpt)
+        model = cls.from_spec(spec)
+        model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
         return model
 
     # ------------------------------------------------------------------ data checks (both phases)
