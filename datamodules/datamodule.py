@@ -81,10 +81,14 @@ def _check_state(state: dict[str, Any]) -> dict[str, int]:
 
 
 def check_dataset(dataset: OfflineDataset, *, num_tasks: int | None, action_dim: int, obs_keys: tuple[str, ...],
-                  image_size: int, episode_length: int) -> None:
-    """Raise ``ValueError`` listing every way ``dataset`` differs from what the DataModule was configured for."""
+                  image_size: int, episode_length: int, env_fields: dict[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` listing every way ``dataset`` differs from what the DataModule was configured for
+    (``env_fields``: the ``EnvConfig`` values the data module's ``env`` asks for)."""
     env = dataset.metadata.env
     problems = []
+    for key, value in (env_fields or {}).items():
+        if getattr(env, key) != value:
+            problems.append(f"it was collected with env.{key}={getattr(env, key)!r}, configured {value!r}")
     if num_tasks is not None and dataset.num_tasks != num_tasks:
         problems.append(f"it has {dataset.num_tasks} tasks, configured num_tasks={num_tasks}")
     if len(dataset.buffers) != dataset.num_tasks:
@@ -113,8 +117,9 @@ class MetaExplorationDataModule(pl.LightningDataModule):
 
     Collection (used by ``prepare_data`` when the dataset is missing or unfinished, and checked against an
     existing one): ``obs_mode``, ``image_size``, ``episode_length``, ``rollouts_per_task``,
-    ``collection_seed``, ``noise_std``, ``collection_workers``. Only the first ``rollouts_per_task`` rollouts
-    of a larger dataset are used.
+    ``collection_seed``, ``noise_std``, ``collection_workers`` and ``env`` (any other ``EnvConfig`` field, e.g.
+    ``hand_offset``, ``action_scale_jitter``: the conditions the data covers). Only the first ``rollouts_per_task``
+    rollouts of a larger dataset are used.
 
     Sampling: ``mode`` ("synthetic" or "no_expl"), ``num_segments`` K, ``segment_length`` T (None = whole
     episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
@@ -139,6 +144,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         collection_seed: int = 0,
         noise_std: float = 0.3,
         collection_workers: int = 0,
+        env: dict[str, Any] | None = None,
         mode: str = "synthetic",
         num_segments: int = 2,
         segment_length: int | None = None,
@@ -160,7 +166,11 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.env = EnvConfig(obs_mode=obs_mode, image_size=image_size, episode_length=episode_length)
+        reserved = sorted(set(env or {}) & {"obs_mode", "image_size", "episode_length"})
+        if reserved:
+            raise ValueError(f"data env: set {reserved} as the data module's own arguments, not in env")
+        self.env = EnvConfig.from_dict({**EnvConfig(obs_mode=obs_mode, image_size=image_size,
+                                                    episode_length=episode_length).to_dict(), **(env or {})})
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
         beyond = [k for k in self.obs_keys if k not in stored_obs_keys(self.env)]
         if beyond:
@@ -205,7 +215,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
             dataset = open_dataset(self.root)
             check_dataset(dataset, num_tasks=self.hparams.num_tasks, action_dim=self.hparams.action_dim,
                           obs_keys=self.obs_keys, image_size=self.hparams.image_size,
-                          episode_length=self.hparams.episode_length)
+                          episode_length=self.hparams.episode_length,
+                          env_fields={k: getattr(self.env, k) for k in (self.hparams.env or {})})
             n = self.hparams.rollouts_per_task
             if dataset.rollouts_per_task < n:
                 raise ValueError(f"dataset at {self.root} has {dataset.rollouts_per_task} rollouts per task, configured "

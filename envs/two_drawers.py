@@ -41,6 +41,11 @@ class EnvConfig:
     open_threshold: float = 0.08
     hand_init: tuple[float, float, float] = (-0.05, 0.6, 0.2)
     hand_jitter: float = 0.03
+    # every reset also moves the hand's start by a distance drawn uniformly in [hand_offset[0], hand_offset[1]] in a
+    # random horizontal direction, and scales the arm's motion by a factor drawn in 1 +- action_scale_jitter
+    # (wider start distributions and varied dynamics in the data, or deployment shifts; 0 = off, nothing drawn)
+    hand_offset: tuple[float, float] = (0.0, 0.0)
+    action_scale_jitter: float = 0.0
     mocap_low: tuple[float, float, float] = (-0.35, 0.40, 0.05)
     mocap_high: tuple[float, float, float] = (0.35, 0.90, 0.40)
     fast_render: bool = True
@@ -49,6 +54,10 @@ class EnvConfig:
     def __post_init__(self) -> None:
         check_types(self, "env.")
         check_types(self.scene, "env.scene.")
+        if not 0.0 <= self.hand_offset[0] <= self.hand_offset[1] or len(self.hand_offset) != 2:
+            raise ValueError(f"env.hand_offset must be [min, max] distances with 0 <= min <= max, got {self.hand_offset}")
+        if not 0.0 <= self.action_scale_jitter < 1.0:
+            raise ValueError(f"env.action_scale_jitter must be in [0, 1), got {self.action_scale_jitter}")
         if self.obs_mode not in OBS_MODES:
             raise ValueError(f"unknown obs_mode {self.obs_mode!r}; choose one of {OBS_MODES}")
 
@@ -100,6 +109,7 @@ class SawyerTwoDrawersEnv(gym.Env):
         self._render_observations = render_observations
         self._task = 0
         self._steps = config.episode_length  # no episode before the first reset()
+        self._action_scale = config.action_scale  # this episode's (action_scale_jitter)
 
         size = config.image_size
         spaces: dict[str, gym.Space] = {}
@@ -150,6 +160,14 @@ class SawyerTwoDrawersEnv(gym.Env):
 
         mujoco.mj_resetData(self.model, self.data)
         jitter = self.np_random.uniform(-1.0, 1.0, 3) * self.config.hand_jitter
+        low, high = self.config.hand_offset
+        if high > 0:  # drawn only when used: the random streams of datasets made without it are unchanged
+            distance, angle = self.np_random.uniform(low, high), self.np_random.uniform(0.0, 2.0 * np.pi)
+            jitter[:2] += distance * np.array([np.cos(angle), np.sin(angle)])
+        self._action_scale = self.config.action_scale
+        if self.config.action_scale_jitter > 0:
+            self._action_scale *= self.np_random.uniform(1.0 - self.config.action_scale_jitter,
+                                                         1.0 + self.config.action_scale_jitter)
         hand = np.clip(np.asarray(self.config.hand_init) + jitter, self._mocap_low, self._mocap_high)
         for _ in range(50):  # settle the arm under the mocap weld, as Metaworld's _reset_hand does
             self.data.mocap_pos[0] = hand
@@ -168,7 +186,7 @@ class SawyerTwoDrawersEnv(gym.Env):
             raise RuntimeError("no episode in progress (not reset yet, or truncated): call reset() before step()")
         action = np.clip(action, -1.0, 1.0)
         for _ in range(self.config.action_repeat):
-            target = self.data.mocap_pos[0] + action[:3] * self.config.action_scale
+            target = self.data.mocap_pos[0] + action[:3] * self._action_scale
             self.data.mocap_pos[0] = np.clip(target, self._mocap_low, self._mocap_high)
             self.data.mocap_quat[0] = _HAND_QUAT
             self.data.ctrl[:] = [action[3], -action[3]]

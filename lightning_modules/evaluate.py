@@ -27,6 +27,7 @@ from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
 from lightning_modules.evaluation.protocol import SUCCESS_METRICS, eval_env_config  # noqa: E402
 from lightning_modules.evaluation.results import write_results  # noqa: E402
 from lightning_modules.evaluation.runner import run_trials  # noqa: E402
+from lightning_modules.evaluation.shifts import NOMINAL, SHIFTS, get_shift  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="take the env parameters from this dataset's metadata")
     p.add_argument("--device", default="cpu")
     p.add_argument("--video", default=None, help="also write trial 0 as a video file (e.g. trial0.mp4)")
+    p.add_argument("--shift", default=NOMINAL, choices=sorted(SHIFTS),
+                   help="deployment shift (lightning_modules/evaluation/shifts.py); default: the training conditions")
     return p.parse_args(argv)
 
 
@@ -83,15 +86,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         from envs.dataset import read_metadata
 
         env_source = read_metadata(args.dataset).env
+    shift = get_shift(args.shift, model.filter.obs_keys)
     cfg = eval_env_config(model.filter, env_source)
     result = run_trials(model, cfg, trials=args.trials, episodes=args.episodes, num_envs=args.num_envs,
-                        seed=args.seed, success_metric=args.success_metric, video=args.video is not None)
-    data = {"env_config": cfg.to_dict(), "checkpoint": str(Path(args.checkpoint).resolve()),
+                        seed=args.seed, success_metric=args.success_metric, video=args.video is not None, shift=shift)
+    data = {"env_config": shift.env_config(cfg).to_dict(), "checkpoint": str(Path(args.checkpoint).resolve()),
+            "shift": {"name": shift.name, "description": shift.description, "action_noise": shift.action_noise,
+                      "obs_noise": shift.obs_noise},
             "evaluations": [{"step": model.loaded_step, "epoch": model.loaded_epoch, **result.to_json()}]}
     path = write_results(args.out, data)
     s = result.summary
     rates = ", ".join(f"{r:.2f}" for r in s["success_per_episode"])
-    print(f"success per episode ({s['success_metric']} step, {s['trials']} trials): [{rates}]; "
+    label = "" if shift.name == NOMINAL else f"shift {shift.name}: "
+    print(f"{label}success per episode ({s['success_metric']} step, {s['trials']} trials): [{rates}]; "
           f"{s['episodes_per_second']:.1f} episodes/s; wrote {path}")
     if args.video is not None and result.video is not None:
         _write_video(result.video, args.video)

@@ -12,13 +12,21 @@ in chunks with ``--max-stages``). Layout under ``--out``::
     data stage                 -> the preset's dataset root (configs/collect/<preset>...yaml)
     filters/<mode>/seed_<k>/   -> phase-1 run (TensorBoard logs, config.yaml, checkpoints/last.ckpt)
     <method>/seed_<k>/phase2/  -> phase-2 run (logs, eval_results.json of the periodic evaluations, checkpoints)
-    <method>/seed_<k>/eval_results.json   final evaluation of the best phase-2 checkpoint (fresh trials)
+    <method>/seed_<k>/eval_results.json   final evaluation of the FINAL phase-2 checkpoint (last.ckpt, fresh trials)
     figure2.png, results.md    success vs episode for every method and seed found under --out
+    learning_curves.png, learning_curves/   periodic evaluations vs updates, mean and 95% interval over seeds
+                                            (PNG, and TensorBoard: tensorboard --logdir <out>/learning_curves)
+
+No model selection with online rollouts: the reported model is the last one. ``--online-selection`` (a diagnostic,
+opt-in) also keeps the checkpoint with the best periodic online evaluation (``best_eval.ckpt``) and evaluates it
+into ``online_selected/<method>/seed_<k>/eval_results.json``; ``results.md`` lists it in a separate table labelled
+as chosen with online rollouts.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -45,6 +53,8 @@ METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlay
     "no_expl": ("no_expl", ["configs/ablations/no_expl.yaml"], ["configs/ablations/no_expl.yaml"]),
     "no_cql": ("synthetic", [], ["configs/ablations/no_cql.yaml"]),
 }
+ONLINE = "online_selected"  # the diagnostic's folder under --out (never read by the main table)
+EVALUATOR = "lightning_modules.callbacks.meta_rollout_evaluation.MetaRolloutEvaluation"
 DONE = "DONE"            # written when a stage finished: its fingerprint and wall clock
 STARTED = "STAGE.json"   # written when a stage starts: its fingerprint (an interrupted stage resumes only with it)
 
@@ -137,11 +147,27 @@ def _fit_stage(name: str, configs: list[str], run_dir: Path, seed: int, extra: l
     return Stage(name, argv, run_dir)
 
 
+def online_selection_args(config: str) -> list[str]:
+    """``lightning fit`` arguments that turn on ``save_best`` of the config's periodic evaluation callback (the
+    callbacks list is passed whole, as JSON, with that one change)."""
+    import yaml
+
+    callbacks = copy.deepcopy((yaml.safe_load(Path(config).read_text()).get("trainer") or {}).get("callbacks") or [])
+    found = [c for c in callbacks if isinstance(c, dict) and c.get("class_path") == EVALUATOR]
+    if not found:
+        raise ValueError(f"--online-selection: {config} has no {EVALUATOR.rsplit('.', 1)[1]} callback")
+    for c in found:
+        c.setdefault("init_args", {})["save_best"] = True
+    return ["--trainer.callbacks", json.dumps(callbacks)]
+
+
 def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: int, episodes: int,
          phase1_args: list[str], phase2_args: list[str], data_root: str | None = None,
-         data_args: list[str] | None = None) -> list[Stage]:
+         data_args: list[str] | None = None, online_selection: bool = False) -> list[Stage]:
     """The stages to run, in order (phase 1 of a data mode is shared by the methods that use it)."""
     cfg = {k: config_path(v) for k, v in PRESETS[preset].items()}
+    if online_selection:
+        phase2_args = [*online_selection_args(cfg["cql"]), *phase2_args]
     data_args = list(data_args or [])
     if data_root is not None:
         data_args.append(f"root={data_root}")
@@ -163,11 +189,20 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
             stages.append(_fit_stage(f"phase 2 ({method}, seed {seed})", [cfg["cql"], *overlays2], run2, seed,
                                      ["--model.init_args.filter_checkpoint", str(filter_ckpt), *phase2_args]))
             final = out / method / f"seed_{seed}"
-            stages.append(Stage(f"evaluation ({method}, seed {seed})", [
-                sys.executable, "-m", "lightning_modules.evaluate", "--checkpoint", str(run2 / "checkpoints" / "best.ckpt"),
-                "--trials", str(trials), "--episodes", str(episodes), "--seed", str(1000 + seed),
-                "--out", str(final / "eval_results.json")], final / "final_eval"))
+            stages.append(_eval_stage(f"evaluation ({method}, seed {seed})", run2 / "checkpoints" / "last.ckpt",
+                                      final, trials, episodes, seed))
+            if online_selection:
+                stages.append(_eval_stage(f"diagnostic: online-selected checkpoint ({method}, seed {seed})",
+                                          run2 / "checkpoints" / "best_eval.ckpt", out / ONLINE / method / f"seed_{seed}",
+                                          trials, episodes, seed))
     return stages
+
+
+def _eval_stage(name: str, checkpoint: Path, folder: Path, trials: int, episodes: int, seed: int) -> Stage:
+    """``python -m lightning_modules.evaluate`` of ``checkpoint`` on fresh trials (seed 1000 + seed)."""
+    return Stage(name, [sys.executable, "-m", "lightning_modules.evaluate", "--checkpoint", str(checkpoint),
+                        "--trials", str(trials), "--episodes", str(episodes), "--seed", str(1000 + seed),
+                        "--out", str(folder / "eval_results.json")], folder / "final_eval")
 
 
 def _pretty(argv: list[str]) -> str:
@@ -178,14 +213,6 @@ def _pretty(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def _best_checkpoint(run_dir: Path) -> Path:
-    """The best-by-evaluation phase-2 checkpoint (``best_eval.ckpt`` of the shipped configs, or a ``best-*.ckpt`` of a
-    ModelCheckpoint monitoring ``eval/*``), else ``last.ckpt``."""
-    ckpts = run_dir / "checkpoints"
-    best = sorted(ckpts.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return best[-1] if best else ckpts / "last.ckpt"
-
-
 def run_stage(stage: Stage) -> None:
     """Run one stage (resuming a training stage from its last.ckpt), then mark it done."""
     argv = list(stage.argv)
@@ -193,9 +220,6 @@ def run_stage(stage: Stage) -> None:
         last = stage.run_dir / "checkpoints" / "last.ckpt"
         if last.exists():
             argv += ["--ckpt_path", str(last)]
-    if "lightning_modules.evaluate" in argv:
-        i = argv.index("--checkpoint") + 1
-        argv[i] = str(_best_checkpoint(Path(argv[i]).parent.parent))
     print(f"\n=== {stage.name}\n$ {_pretty(argv)}", flush=True)
     start = time.time()
     if stage.run_dir is not None:
@@ -208,14 +232,28 @@ def run_stage(stage: Stage) -> None:
 
 def summarize(out: Path) -> None:
     """Write ``figure2.png`` and ``results.md`` for every method and seed under ``out``."""
+    from lightning_modules.evaluation.curves import (collect_learning_curves, learning_curve_figure,
+                                                     write_tensorboard_curves)
     from lightning_modules.evaluation.results import collect_curves, figure2, results_table
 
     curves = collect_curves(out)
-    table = results_table(curves)
-    (out / "results.md").write_text(table + "\n")
+    table = ("Final checkpoint (last.ckpt, no model selection), fresh trials; mean ± 95% interval over seeds\n\n"
+             + results_table(curves))
+    if (out / ONLINE).is_dir() and list((out / ONLINE).glob("*/*/eval_results.json")):
+        table += ("\n\nDIAGNOSTIC, not an offline result: the checkpoint with the best periodic ONLINE evaluation "
+                  "(best_eval.ckpt, chosen with online rollouts), on fresh trials\n\n"
+                  + results_table(collect_curves(out / ONLINE)))
+    tmp = out / "results.md.tmp"
+    tmp.write_text(table + "\n")
+    tmp.replace(out / "results.md")
     fig = figure2(curves)
     fig.savefig(out / "figure2.png", dpi=150)
     print(f"\n{table}\n\nwrote {out / 'figure2.png'} and {out / 'results.md'}")
+    learning = collect_learning_curves(out)
+    if learning:
+        learning_curve_figure(learning).savefig(out / "learning_curves.png", dpi=150)
+        folder = write_tensorboard_curves(learning, out)
+        print(f"wrote {out / 'learning_curves.png'} and TensorBoard learning curves over seeds in {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase2-args", default="", metavar="ARGS", help="extra `lightning fit` args of phase 2, likewise")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the preset's data config)")
     p.add_argument("--data-args", default="", metavar="ARGS", help='extra key=value overrides of the data stage, one string')
+    p.add_argument("--online-selection", action="store_true",
+                   help="diagnostic: also keep and evaluate the checkpoint chosen by the periodic online evaluations "
+                        "(online interaction; reported separately, labelled)")
     p.add_argument("--max-stages", type=int, default=None, help="run at most this many unfinished stages, then stop")
     args = p.parse_args(argv)
     return run_command(lambda: _run(args))
@@ -264,7 +305,8 @@ def _run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"pipeline_{args.preset}"
     _check_writable(out)
     stages = plan(args.preset, args.methods, args.seeds, out, args.trials, args.episodes,
-                  extra["phase1_args"], extra["phase2_args"], args.data_root, extra["data_args"])
+                  extra["phase1_args"], extra["phase2_args"], args.data_root, extra["data_args"],
+                  args.online_selection)
     for stage in stages:
         stage.check_same()  # every folder, before the first stage runs
     ran = 0

@@ -69,3 +69,21 @@ def filter_ckpt(tiny_state_dataset, tmp_path_factory):
     trainer.fit(model, datamodule=tiny_datamodule(tiny_state_dataset))
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def phase2_ckpt(filter_ckpt, tiny_state_dataset, tmp_path_factory):
+    """A tiny phase-2 checkpoint (Polyak acting actor, cosine learning rates) trained for 2 steps by a Trainer."""
+    import torch
+
+    from helpers import cpu_trainer, tiny_datamodule
+    from lightning_modules.cql.module import LatentCQLModule
+
+    path = tmp_path_factory.mktemp("phase2") / "cql.ckpt"
+    torch.manual_seed(0)
+    model = LatentCQLModule(str(filter_ckpt), hidden_dim=32, transition_batch_size=64, num_random=4,
+                            actor_polyak=0.9, lr_schedule="cosine")
+    trainer = cpu_trainer(path.parent, max_steps=2)
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_state_dataset, batch_size=4, batches_per_epoch=4))
+    trainer.save_checkpoint(path)
+    return path

@@ -2,7 +2,10 @@
 
 :class:`LatentCQLLoss` composes ``CQLLoss``'s own term methods (``q_loss``, ``cql_loss``, ``actor_loss``,
 ``alpha_loss``); each term only reaches its own parameters (critics: ``loss_qvalue`` / ``loss_cql``; actor:
-``loss_actor``; ``log_alpha``: ``loss_alpha``; ``log_alpha_prime``: ``loss_alpha_prime``).
+``loss_actor`` and ``loss_bc``; ``log_alpha``: ``loss_alpha``; ``log_alpha_prime``: ``loss_alpha_prime``).
+
+``bc_weight > 0`` adds ``loss_bc = bc_weight * mean ||tanh(loc(b)) - a_data||^2`` to the actor (TD3+BC's
+regulariser, on the policy's deterministic action): it keeps the actor near actions the data contains.
 
 ``with_lagrange=True`` tunes the conservative weight with a Lagrange multiplier, but NOT through TorchRL's
 ``alpha_prime_loss``: that term is computed from the undetached conservative gap, so summing it into the loss
@@ -18,10 +21,14 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import CQLLoss
+
+from envs.keys import ACTION
 
 LOSS_TERMS = ("loss_qvalue", "loss_cql", "loss_actor", "loss_alpha")  # logged under losses/
 LAGRANGE_TERM = "loss_alpha_prime"
+BC_TERM = "loss_bc"  # optional behaviour-cloning term of the actor (bc_weight > 0)
 DIAGNOSTICS = ("q_data", "alpha", "entropy")  # logged under train/ and val/
 LAGRANGE_DIAGNOSTIC = "alpha_prime"
 TOTAL = "loss"  # the sum that is back-propagated
@@ -31,20 +38,23 @@ class LatentCQLLoss(CQLLoss):
     """``CQLLoss`` whose forward returns every term, the diagnostics and the total (see the module docstring).
 
     Args: those of ``CQLLoss``, plus ``conservative`` (keep the conservative term) and, with ``with_lagrange``,
-    ``lagrange_thresh`` (the target gap). The input TensorDict is never modified.
+    ``lagrange_thresh`` (the target gap), and ``bc_weight`` (behaviour cloning on the actor, 0 = off). The input
+    TensorDict is never modified.
     """
 
     def __init__(self, *args: Any, conservative: bool = True, with_lagrange: bool = False,
-                 lagrange_thresh: float = 5.0, **kwargs: Any):
+                 lagrange_thresh: float = 5.0, bc_weight: float = 0.0, **kwargs: Any):
         with_lagrange = bool(with_lagrange and conservative)
         super().__init__(*args, with_lagrange=with_lagrange, lagrange_thresh=lagrange_thresh, **kwargs)
         self.conservative = bool(conservative)
         self.lagrange_thresh = float(lagrange_thresh)
+        self.bc_weight = float(bc_weight)
 
     @property
     def out_keys(self) -> list[str]:
         extra = [LAGRANGE_TERM, LAGRANGE_DIAGNOSTIC] if self.with_lagrange else []
-        return [TOTAL, *LOSS_TERMS, *DIAGNOSTICS, *extra]
+        bc = [BC_TERM] if self.bc_weight > 0 else []
+        return [TOTAL, *LOSS_TERMS, *bc, *DIAGNOSTICS, *extra]
 
     @out_keys.setter
     def out_keys(self, values) -> None:  # CQLLoss's constructor assigns it; the keys above are fixed
@@ -52,8 +62,9 @@ class LatentCQLLoss(CQLLoss):
 
     @property
     def loss_terms(self) -> tuple[str, ...]:
-        """The loss terms to log (the Lagrange term only when tuned)."""
-        return (*LOSS_TERMS, LAGRANGE_TERM) if self.with_lagrange else LOSS_TERMS
+        """The loss terms to log (the Lagrange term only when tuned, the BC term only when weighted)."""
+        bc = (BC_TERM,) if self.bc_weight > 0 else ()
+        return (*LOSS_TERMS, *bc, LAGRANGE_TERM) if self.with_lagrange else (*LOSS_TERMS, *bc)
 
     @property
     def diagnostics(self) -> tuple[str, ...]:
@@ -71,6 +82,9 @@ class LatentCQLLoss(CQLLoss):
         out["alpha"] = self._alpha.detach()
         out["entropy"] = -actor_meta[self.tensor_keys.log_prob].detach().mean()
         total = q_loss + actor_loss + alpha_loss
+        if self.bc_weight > 0:
+            out[BC_TERM] = self.bc_weight * self.bc_loss(tensordict)
+            total = total + out[BC_TERM]
         if self.with_lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             # the multiplier sees the detached gap (per critic), the critics a detached multiplier
@@ -81,3 +95,11 @@ class LatentCQLLoss(CQLLoss):
             total = total + cql_loss
         out[TOTAL] = total
         return TensorDict(out, batch_size=[])
+
+    def bc_loss(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """Mean squared distance between the actor's deterministic action and the data's action (actor only)."""
+        td = tensordict.select(*self.actor_network.in_keys, strict=False).copy()
+        with set_exploration_type(ExplorationType.DETERMINISTIC), \
+                self.actor_network_params.to_module(self.actor_network):
+            action = self.actor_network(td)[ACTION]
+        return (action - tensordict[ACTION].detach()).pow(2).sum(-1).mean()

@@ -46,6 +46,8 @@ from torchrl.objectives import SoftUpdate, ValueEstimators, group_optimizers
 from envs.keys import ACTION, REWARD
 from lightning_modules.cql.loss import TOTAL, LatentCQLLoss
 from lightning_modules.cql.networks import BELIEF, BeliefNormalizer, make_actor, make_qvalue, move_distribution_kwargs
+from lightning_modules.cql.hparams import check_hparams
+from lightning_modules.cql.stabilizers import PolyakActor, lr_factor
 from lightning_modules.cql.transitions import BeliefCache, flat_transitions, random_index
 from lightning_modules.filter.belief_filter import SPEC_KEY, BeliefFilter
 from lightning_modules.guards import PHASE_KEY, check_finite, check_phase, step_noise
@@ -72,6 +74,11 @@ class LatentCQLModule(pl.LightningModule):
         deterministic_backup: no entropy bonus in the TD target. max_q_backup: CQL's max-over-actions backup.
         loss_function: TD loss ("l2", "smooth_l1", "l1").
         actor_lr, critic_lr, alpha_lr: Adam learning rates; grad_clip: per-network gradient-norm clip (0 = off).
+        lr_schedule, lr_final, lr_decay_steps: "constant" or "cosine" decay of every learning rate to
+            ``lr_final`` x its value at ``lr_decay_steps`` updates (None = the trainer's ``max_steps``).
+        actor_polyak: act with a Polyak average of the actor (decay per update, e.g. 0.995; 0 = the actor itself),
+            :class:`~lightning_modules.cql.stabilizers.PolyakActor`.
+        bc_weight: behaviour-cloning term on the actor (TD3+BC style, 0 = off), :mod:`lightning_modules.cql.loss`.
         hidden_dim, num_layers, activation: actor and critic MLPs.
         transition_batch_size: transitions per update (None = every transition of the data batch without a cache).
             Not called ``batch_size``: the DataModule's ``batch_size`` (meta-trajectories) shares the hparams namespace.
@@ -103,6 +110,11 @@ class LatentCQLModule(pl.LightningModule):
         critic_lr: float = 3e-4,
         alpha_lr: float = 3e-4,
         grad_clip: float = 0.0,
+        lr_schedule: str = "constant",
+        lr_final: float = 0.1,
+        lr_decay_steps: int | None = None,
+        actor_polyak: float = 0.0,
+        bc_weight: float = 0.0,
         hidden_dim: int = 256,
         num_layers: int = 2,
         activation: str = "relu",
@@ -119,23 +131,7 @@ class LatentCQLModule(pl.LightningModule):
         if not filter_spec and not filter_checkpoint:
             raise ValueError("filter_checkpoint is required: the phase-1 run's checkpoints/last.ckpt")
         self.filter = BeliefFilter.from_spec(filter_spec) if filter_spec else BeliefFilter.load(filter_checkpoint)
-        problems = []
-        if not 0.0 <= gamma <= 1.0:
-            problems.append(f"gamma must be in [0, 1], got {gamma}")
-        if n_step < 1:
-            problems.append(f"n_step must be >= 1, got {n_step}")
-        if not 0.0 < tau <= 1.0:
-            problems.append(f"tau must be in (0, 1], got {tau}")
-        if cql_weight < 0:
-            problems.append(f"cql_weight must be >= 0, got {cql_weight}")
-        if transition_batch_size is not None and transition_batch_size < 1:
-            problems.append(f"transition_batch_size must be >= 1 or None, got {transition_batch_size}")
-        if belief_cache_batches < 0 or refresh_every < 1:
-            problems.append(f"belief_cache_batches must be >= 0 and refresh_every >= 1, got {belief_cache_batches}, {refresh_every}")
-        if belief_cache_batches > 0 and transition_batch_size is None:
-            problems.append("a belief cache needs transition_batch_size (transitions sampled per update)")
-        if problems:
-            raise ValueError("LatentCQLModule: " + "; ".join(problems))
+        check_hparams(self.hparams)
         conservative = bool(conservative) and cql_weight > 0
         if with_lagrange and not conservative:
             warnings.warn("with_lagrange=True has no effect without the conservative term", stacklevel=2)
@@ -152,7 +148,12 @@ class LatentCQLModule(pl.LightningModule):
             loss_function=loss_function, alpha_init=alpha_init, fixed_alpha=fixed_alpha,
             target_entropy=target_entropy, delay_qvalue=True, temperature=cql_temperature, min_q_weight=cql_weight,
             max_q_backup=max_q_backup, deterministic_backup=deterministic_backup, num_random=num_random,
+            bc_weight=bc_weight,
         )
+        # the deployed policy: a Polyak average of the actor (a submodule only when used: older checkpoints load)
+        self.acting_actor = (PolyakActor(make_actor(belief_dim, action_dim, hidden_dim, num_layers, activation),
+                                         self.loss_module.actor_network_params, actor_polyak)
+                             if actor_polyak > 0 else None)
         # n-step transitions carry the discounted reward sum; the TD target discounts their successor by gamma^n
         self.loss_module.make_value_estimator(ValueEstimators.TD0, gamma=gamma ** n_step)
         self._updater: SoftUpdate | None = None
@@ -211,6 +212,9 @@ class LatentCQLModule(pl.LightningModule):
         location) by default, a sample otherwise."""
         td = TensorDict({BELIEF: self.normalizer(beliefs.to(self.device))}, batch_size=beliefs.shape[:-1])
         mode = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
+        if self.acting_actor is not None:
+            with set_exploration_type(mode):
+                return self.acting_actor(td)[ACTION]
         loss = self.loss_module
         with set_exploration_type(mode), loss.actor_network_params.to_module(loss.actor_network):
             return loss.actor_network(td)[ACTION]
@@ -277,6 +281,7 @@ class LatentCQLModule(pl.LightningModule):
         check_finite({"train/loss": losses[TOTAL], **{f"losses/{k}": losses[k] for k in terms}}, self.global_step,
                      batch)
         opt = self.optimizers()
+        self._schedule_lr(opt)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses[TOTAL])
         if self.hparams.grad_clip > 0:
@@ -284,9 +289,23 @@ class LatentCQLModule(pl.LightningModule):
                 torch.nn.utils.clip_grad_norm_(group["params"], self.hparams.grad_clip)
         opt.step()
         self.target_updater().step()
+        if self.acting_actor is not None:
+            self.acting_actor.update(self.loss_module.actor_network_params)
         n = transitions.batch_size[0]
         self.log_dict({f"losses/{k}": losses[k].detach() for k in terms}, batch_size=n)
         self._log("train", losses, n)
+
+    def _schedule_lr(self, opt) -> None:
+        """Set every group's learning rate for this update (a function of ``global_step`` alone: resumes exactly)."""
+        hp = self.hparams
+        if hp.lr_schedule == "constant":
+            return
+        total = hp.lr_decay_steps or (self.trainer.max_steps if self._trainer is not None else -1)
+        factor = lr_factor(hp.lr_schedule, self.global_step, total, hp.lr_final)
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * factor
+        self.log("train/lr_factor", factor, batch_size=1)
 
     def validation_step(self, batch: TensorDictBase, batch_idx: int) -> None:
         beliefs = self.compute_beliefs(batch)

@@ -27,10 +27,13 @@ from envs.gl import select_headless_gl
 select_headless_gl()
 
 from envs.keys import (ACTION, ORIGINAL_REWARD, PIXELS, REWARD, ROLLOUT, SEGMENT, SEGMENT_START,  # noqa: E402
-                       STEP, TARGET_TASK, TASK)
+                       STATE, STEP, TARGET_TASK, TASK)
+from envs.seeding import derive_seed  # noqa: E402
 from envs.two_drawers import EnvConfig, SawyerTwoDrawersEnv  # noqa: E402
 from lightning_modules.evaluation.protocol import (SUCCESS_METRICS, draw_targets, episode_seed,  # noqa: E402
                                                    eval_env_config, summarize)
+
+SHIFT_STREAM = 7  # the random stream of a trial's deployment noise (independent of the env's reset seed)
 
 
 @dataclasses.dataclass
@@ -54,10 +57,14 @@ class EvalResult:
 class TrialRunner:
     """``num_envs`` envs stepped in lockstep; reused across evaluations (building an env takes ~0.4 s)."""
 
-    def __init__(self, env_config: EnvConfig, num_envs: int):
+    def __init__(self, env_config: EnvConfig, num_envs: int, action_noise: float = 0.0, obs_noise: float = 0.0):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if action_noise < 0 or obs_noise < 0:
+            raise ValueError(f"action_noise and obs_noise must be >= 0, got {action_noise}, {obs_noise}")
         self.env_config = env_config
+        # deployment perturbations (lightning_modules.evaluation.shifts): noise on executed actions / state obs
+        self.action_noise, self.obs_noise = float(action_noise), float(obs_noise)
         self.envs = [SawyerTwoDrawersEnv(env_config) for _ in range(num_envs)]
 
     def close(self) -> None:
@@ -128,13 +135,21 @@ class TrialRunner:
             if any(info["task"] != int(k) for (_, info), k in zip(resets, targets)):
                 raise RuntimeError("an evaluation env did not take the trial's target task")
             obs = [o for o, _ in resets]
+            noise = [np.random.default_rng(derive_seed(seed, i, ep, SHIFT_STREAM)) for i in trial_ids]
             for t in range(T):
                 obs_t = _stack_obs(obs, keys)
+                if self.obs_noise > 0 and STATE in obs_t:
+                    obs_t[STATE] = obs_t[STATE] + torch.from_numpy(np.stack(
+                        [g.normal(0.0, self.obs_noise, obs_t[STATE].shape[1:]) for g in noise])).float()
                 if frames is not None:
                     frames = _add_frame(frames, envs[0], obs[0])
                 belief, state = filter_module.step(state, obs_t, prev_action, reward)
                 action = policy(belief).detach().float().cpu().clamp(-1.0, 1.0)
-                steps = [env.step(a.numpy()) for env, a in zip(envs, action)]
+                executed = action.numpy()
+                if self.action_noise > 0:
+                    executed = np.clip(executed + np.stack([g.normal(0.0, self.action_noise, executed.shape[1:])
+                                                            for g in noise]), -1.0, 1.0)
+                steps = [env.step(a) for env, a in zip(envs, executed)]
                 obs = [s[0] for s in steps]
                 r = np.array([s[1] for s in steps], dtype=np.float32)
                 ok = np.array([s[4]["success"] for s in steps])
@@ -201,15 +216,20 @@ def _dataset_layout(rec, keys, trial_ids, targets, episodes, T) -> TensorDict:
 
 def run_trials(model: Any, env_config: EnvConfig | dict[str, Any] | None = None, trials: int = 20, episodes: int = 3,
                num_envs: int | None = None, seed: int = 0, success_metric: str = "last", record: bool = False,
-               video: bool = False, runner: TrialRunner | None = None) -> EvalResult:
+               video: bool = False, runner: TrialRunner | None = None, shift: Any = None) -> EvalResult:
     """Evaluate a :class:`~lightning_modules.cql.module.LatentCQLModule` (uses ``model.filter`` and ``model.act``).
 
     ``env_config`` defaults to the one stored with the model (the dataset's). ``num_envs`` defaults to ``min(trials,
-    32)``; pass a ``runner`` to reuse envs.
+    32)``; pass a ``runner`` to reuse envs. ``shift``: a :class:`~lightning_modules.evaluation.shifts.Shift` applied
+    to those env parameters and to the loop (action / observation noise).
     """
     if runner is None:
         cfg = eval_env_config(model.filter, env_config if env_config is not None else model.env_config)
-        runner = TrialRunner(cfg, num_envs or min(trials, 32))
+        noise = {}
+        if shift is not None:
+            cfg = shift.env_config(cfg)
+            noise = dict(action_noise=shift.action_noise, obs_noise=shift.obs_noise)
+        runner = TrialRunner(cfg, num_envs or min(trials, 32), **noise)
         close = True
     else:
         close = False

@@ -359,8 +359,10 @@ def test_cli_fit_quickstart_config(filter_ckpt, tiny_state_dataset, tmp_path):
     assert cli.trainer.global_step == 2
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "eval_results.json").is_file()
-    # the shipped config keeps the best-by-evaluation model as best_eval.ckpt (DDP-safe) besides last.ckpt
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best_eval.ckpt").is_file()
+    # the shipped config keeps the final model (last.ckpt) and chooses none with online rollouts (no best_eval.ckpt)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "checkpoints" / "best_eval.ckpt").exists()
+    # it acts with the Polyak-averaged actor and decays the learning rates
+    assert model.acting_actor is not None and model.hparams.lr_schedule == "cosine"
     assert "filter_hparams" not in model.hparams
     restored = LatentCQLModule.load_phase2(run_dir / "checkpoints" / "last.ckpt")
     assert restored.filter.kwargs["deter_dim"] == SMALL_FILTER["deter_dim"]

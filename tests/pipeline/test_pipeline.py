@@ -53,6 +53,10 @@ def test_pipeline_all_methods_tiny_then_notebook(tmp_path):
         assert (out / method / "seed_0" / "phase2" / "eval_results.json").exists()  # periodic evaluations
     assert sorted(p.name for p in (out / "filters").iterdir()) == ["no_expl", "synthetic"]  # no_cql shares the filter
     assert (out / "figure2.png").stat().st_size > 0 and "No Expl" in (out / "results.md").read_text()
+    assert "$ python -m lightning_modules.evaluate --checkpoint " + str(out / "ours" / "seed_0" / "phase2" / "checkpoints"
+                                                                        / "last.ckpt") in run.stdout  # the final one
+    assert "Final checkpoint (last.ckpt" in (out / "results.md").read_text()
+    assert (out / "learning_curves.png").stat().st_size > 0 and list((out / "learning_curves" / "ours").glob("events.*"))
 
     again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 8  # 2 filters + 3 x (phase 2, evaluation); data re-checked
@@ -97,3 +101,34 @@ def test_paper_configs_at_tiny_scale(tmp_path, tiny_pixel_dataset):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (runs / "cql_paper" / "version_0" / "checkpoints" / "last.ckpt").exists()
     assert (runs / "cql_paper" / "version_0" / "eval_results.json").exists()
+
+
+def test_online_selection_is_opt_in_and_labelled(tmp_path):
+    """--online-selection turns on save_best of the shipped evaluation callback (the list passed whole, one change),
+    adds a diagnostic evaluation of best_eval.ckpt, and results.md reports it apart, labelled."""
+    from lightning_modules.pipeline import ONLINE, plan, summarize
+
+    plain = plan("quickstart", ["ours"], [0], tmp_path, 5, 3, [], [])
+    assert not any("best_eval" in " ".join(s.argv) for s in plain)
+    assert any(s.argv[-1].endswith("ours/seed_0/eval_results.json") and
+               str(tmp_path / "ours" / "seed_0" / "phase2" / "checkpoints" / "last.ckpt") in s.argv for s in plain)
+    stages = plan("quickstart", ["ours"], [0], tmp_path, 5, 3, [], [], online_selection=True)
+    phase2 = next(s for s in stages if s.name.startswith("phase 2"))
+    callbacks = json.loads(phase2.argv[phase2.argv.index("--trainer.callbacks") + 1])
+    evaluator = next(c for c in callbacks if c["class_path"].endswith("MetaRolloutEvaluation"))
+    assert evaluator["init_args"]["save_best"] is True and evaluator["init_args"]["trials"] == 50
+    assert any("ModelCheckpoint" in c["class_path"] for c in callbacks)
+    diagnostic = stages[-1]
+    assert diagnostic.name.startswith("diagnostic: online-selected") and any("best_eval.ckpt" in a for a in diagnostic.argv)
+
+    def fake(path, rates):
+        path.mkdir(parents=True)
+        (path / "eval_results.json").write_text(json.dumps({"evaluations": [
+            {"step": 8000, "summary": {"success_per_episode": rates, "trials": 50}}]}))
+
+    fake(tmp_path / "ours" / "seed_0", [0.5, 0.9, 0.9])
+    fake(tmp_path / ONLINE / "ours" / "seed_0", [0.5, 1.0, 1.0])
+    summarize(tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    final, diag = text.split("DIAGNOSTIC")
+    assert "0.90" in final and "1.00" not in final and "chosen with online rollouts" in diag and "1.00" in diag

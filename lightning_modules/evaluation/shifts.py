@@ -1,0 +1,74 @@
+"""Deployment shifts: changed conditions at test time that a user would expect a robot to tolerate.
+
+Each :class:`Shift` is a change of the evaluation env's parameters (applied to the dataset's, i.e. the training
+conditions) and/or a perturbation of the loop between env and policy (noise on the executed actions or on the
+state observations). ``python -m lightning_modules.evaluate --shift NAME`` evaluates one;
+``python -m lightning_modules.robustness`` runs them all into one table.
+
+Shifts are relative to the data's conditions: the hand start of the data is the nominal start +- ``hand_jitter`` per
+axis, moved by up to ``hand_offset[1]`` horizontally; ``hand_start`` starts it 4 cm beyond that in every trial (8 cm: ``hand_start_far``).
+The scripted policies' actions carry Gaussian noise of std ``noise_std`` in the data; the arm's speed varies by
+``action_scale_jitter`` between the data's rollouts. The scripted openers succeed under every shift here (see
+docs/RESULTS.md, "Robustness"), so a failure under a shift is the learnt policy's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from envs.keys import PIXELS
+from envs.two_drawers import EnvConfig
+
+NOMINAL = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shift:
+    """One deployment shift (see the module docstring)."""
+
+    name: str
+    description: str
+    env: dict[str, Any] = dataclasses.field(default_factory=dict)  # EnvConfig fields (values or callables of it)
+    action_noise: float = 0.0  # std of Gaussian noise added to every executed action (then clipped to [-1, 1])
+    obs_noise: float = 0.0     # std of Gaussian noise added to the state observation the filter reads
+    pixels_only: bool = False
+
+    def env_config(self, base: EnvConfig) -> EnvConfig:
+        """The evaluation env's parameters under this shift."""
+        changes = {k: (v(base) if callable(v) else v) for k, v in self.env.items()}
+        return EnvConfig.from_dict({**base.to_dict(), **changes}) if changes else base
+
+
+SHIFTS: dict[str, Shift] = {s.name: s for s in (
+    Shift(NOMINAL, "the training conditions"),
+    Shift("hand_start", "hand starts 4 cm beyond the data's farthest start (random horizontal direction)",
+          env={"hand_offset": lambda base: _further(base, 0.04)}),
+    Shift("hand_start_far", "hand starts 8 cm beyond the data's farthest start (random horizontal direction)",
+          env={"hand_offset": lambda base: _further(base, 0.08)}),
+    Shift("action_noise", "Gaussian noise of std 0.3 on every executed action (actuation noise)", action_noise=0.3),
+    Shift("obs_noise", "Gaussian noise of std 1 cm on the state observation (sensor noise)", obs_noise=0.01),
+    Shift("slow_arm", "the arm moves 25% less per action (weaker controller: action_scale x 0.75)",
+          env={"action_scale": lambda base: base.action_scale * 0.75, "action_scale_jitter": 0.0}),
+    Shift("fast_arm", "the arm moves 25% more per action (stronger controller: action_scale x 1.25)",
+          env={"action_scale": lambda base: base.action_scale * 1.25, "action_scale_jitter": 0.0}),
+)}
+
+
+def _further(base: EnvConfig, distance: float) -> tuple[float, float]:
+    """A start ``distance`` beyond the farthest horizontal offset of the data (its ``hand_offset`` range's end)."""
+    far = base.hand_offset[1] + distance
+    return (far, far)
+
+
+def get_shift(name: str, obs_keys: tuple[str, ...] | list[str] | None = None) -> Shift:
+    """The shift called ``name`` (``ValueError`` naming the known ones); checks it applies to ``obs_keys``."""
+    if name not in SHIFTS:
+        raise ValueError(f"unknown shift {name!r}; choose one of {sorted(SHIFTS)}")
+    shift = SHIFTS[name]
+    if obs_keys is not None:
+        if shift.pixels_only and PIXELS not in obs_keys:
+            raise ValueError(f"shift {name!r} changes the images: the checkpoint's filter reads {list(obs_keys)}")
+        if shift.obs_noise > 0 and PIXELS in obs_keys:
+            raise ValueError(f"shift {name!r} perturbs state observations: the checkpoint's filter reads pixels")
+    return shift

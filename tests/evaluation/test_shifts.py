@@ -1,0 +1,102 @@
+"""Deployment shifts: the env's hand offset, action / observation noise in the loop, the --shift CLI option and the
+robustness suite's table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs.scripted import DrawerOpener
+from envs.two_drawers import EnvConfig, SawyerTwoDrawersEnv
+from lightning_modules.evaluation.runner import TrialRunner
+from lightning_modules.evaluation.shifts import NOMINAL, SHIFTS, get_shift
+from lightning_modules.filter.belief_filter import BeliefFilter
+from helpers import SMALL_FILTER
+
+STATE_ENV = EnvConfig(obs_mode="state", episode_length=40)
+
+
+def test_hand_offset_moves_the_start_and_keeps_the_nominal_stream():
+    nominal = SawyerTwoDrawersEnv(STATE_ENV)
+    shifted = SawyerTwoDrawersEnv(SHIFTS["hand_start"].env_config(STATE_ENV))
+    distances = []
+    for seed in range(8):
+        nominal.reset(seed=seed, options={"task": 0})
+        shifted.reset(seed=seed, options={"task": 0})
+        distances.append(np.linalg.norm(shifted.data.mocap_pos[0][:2] - nominal.data.mocap_pos[0][:2]))
+    # the same jitter plus a 4 cm horizontal offset beyond the data's (none here): 4 cm from the nominal start
+    assert np.allclose(distances, 0.04, atol=2e-3), distances
+    # hand_offset (0, 0) draws nothing extra: a default env reproduces the datasets' start positions
+    again = SawyerTwoDrawersEnv(EnvConfig(obs_mode="state", episode_length=40, hand_offset=(0.0, 0.0)))
+    again.reset(seed=3, options={"task": 0})
+    nominal.reset(seed=3, options={"task": 0})
+    np.testing.assert_array_equal(again.data.mocap_pos[0], nominal.data.mocap_pos[0])
+    for env in (nominal, shifted, again):
+        env.close()
+
+
+def test_shift_registry_and_env_changes():
+    assert NOMINAL in SHIFTS and SHIFTS[NOMINAL].env_config(STATE_ENV) == STATE_ENV
+    slow = SHIFTS["slow_arm"].env_config(STATE_ENV)
+    assert slow.action_scale == pytest.approx(0.75 * STATE_ENV.action_scale) and slow.obs_mode == "state"
+    wide = EnvConfig(obs_mode="state", hand_offset=(0.0, 0.1), action_scale_jitter=0.3)  # data with varied starts
+    assert SHIFTS["hand_start"].env_config(wide).hand_offset == pytest.approx((0.14, 0.14))  # beyond the data's
+    assert SHIFTS["slow_arm"].env_config(wide).action_scale_jitter == 0.0
+    with pytest.raises(ValueError, match="hand_offset"):
+        EnvConfig(hand_offset=(0.1, 0.0))
+    with pytest.raises(ValueError, match="unknown shift 'gravity'"):
+        get_shift("gravity")
+    with pytest.raises(ValueError, match="pixels"):
+        get_shift("obs_noise", ["pixels"])
+
+
+def _opener_policy(runner):
+    def policy(belief: torch.Tensor) -> torch.Tensor:
+        envs = runner.envs[: belief.shape[0]]
+        return torch.from_numpy(np.stack([DrawerOpener(env.task, noise_std=0.0).clean_action(env) for env in envs]))
+    return policy
+
+
+def test_action_and_obs_noise_perturb_the_loop_reproducibly():
+    torch.manual_seed(0)
+    filt = BeliefFilter(obs_keys=["state"], **SMALL_FILTER).eval()
+    outs = {}
+    for name, kw in {"clean": {}, "noisy": dict(action_noise=0.5, obs_noise=0.01)}.items():
+        for repeat in range(2):
+            runner = TrialRunner(STATE_ENV, num_envs=2, **kw)
+            result = runner.run(filt, _opener_policy(runner), trials=2, episodes=1, seed=4, record=True)
+            runner.close()
+            outs[name, repeat] = result
+    clean, noisy = outs["clean", 0].recorded["state"], outs["noisy", 0].recorded["state"]
+    assert not torch.allclose(clean, noisy)  # noise moved the arm and the observation
+    torch.testing.assert_close(outs["noisy", 1].recorded["state"], noisy)  # same seed, same noise
+    # the clean scripted opener succeeds; the filter was fed the commanded (not the executed) actions
+    assert all(t["success"] == [True] for t in outs["clean", 0].trials)
+    with pytest.raises(ValueError, match="action_noise"):
+        TrialRunner(STATE_ENV, num_envs=1, action_noise=-1.0)
+
+
+def test_evaluate_shift_option_and_robustness_suite(phase2_ckpt, tmp_path):
+    from lightning_modules.evaluate import main as evaluate
+    from lightning_modules.robustness import main as robustness
+
+    out = tmp_path / "shifted.json"
+    assert evaluate(["--checkpoint", str(phase2_ckpt), "--trials", "2", "--episodes", "1", "--out", str(out),
+                     "--shift", "hand_start"]) == 0
+    data = json.loads(out.read_text())
+    assert data["shift"]["name"] == "hand_start" and data["env_config"]["hand_offset"] == pytest.approx([0.04, 0.04])
+    with pytest.raises(SystemExit):  # argparse: not a known shift
+        evaluate(["--checkpoint", str(phase2_ckpt), "--out", str(out), "--shift", "gravity"])
+
+    folder = tmp_path / "rob"
+    assert robustness(["--checkpoints", str(phase2_ckpt), str(phase2_ckpt), "--trials", "2", "--episodes", "2",
+                       "--shifts", "none", "action_noise", "--out", str(folder)]) == 0
+    table = (folder / "robustness.md").read_text()
+    assert "| none |" in table and "| action_noise |" in table and "episode 2" in table
+    rows = json.loads((folder / "robustness.json").read_text())["rows"]
+    assert [r["shift"] for r in rows] == ["none", "action_noise"]
+    assert rows[0]["per_checkpoint"][0] == rows[0]["per_checkpoint"][1]  # the same checkpoint, the same trials
+    assert robustness(["--checkpoints", str(tmp_path / "missing.ckpt"), "--out", str(folder)]) == 2
