@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from envs.atomic import write_json_atomic
+from envs.atomic import write_json_atomic, write_text_atomic
 from envs.errors import run_command
 
 REPO = Path(__file__).resolve().parents[1]  # configs are found here, whatever the working directory
@@ -243,9 +243,7 @@ def summarize(out: Path) -> None:
         table += ("\n\nDIAGNOSTIC, not an offline result: the checkpoint with the best periodic ONLINE evaluation "
                   "(best_eval.ckpt, chosen with online rollouts), on fresh trials\n\n"
                   + results_table(collect_curves(out / ONLINE)))
-    tmp = out / "results.md.tmp"
-    tmp.write_text(table + "\n")
-    tmp.replace(out / "results.md")
+    write_text_atomic(out / "results.md", table + "\n")
     fig = figure2(curves)
     fig.savefig(out / "figure2.png", dpi=150)
     print(f"\n{table}\n\nwrote {out / 'figure2.png'} and {out / 'results.md'}")

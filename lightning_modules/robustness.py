@@ -22,10 +22,9 @@ select_headless_gl()
 
 import numpy as np  # noqa: E402
 
-from envs.atomic import write_json_atomic  # noqa: E402
+from envs.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from envs.errors import run_command  # noqa: E402
 from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
-from lightning_modules.evaluation.protocol import eval_env_config  # noqa: E402
 from lightning_modules.evaluation.results import MethodCurve  # noqa: E402
 from lightning_modules.evaluation.runner import run_trials  # noqa: E402
 from lightning_modules.evaluation.shifts import SHIFTS, get_shift  # noqa: E402
@@ -90,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
                     raise
                 continue  # e.g. an image shift for a state checkpoint
             start = time.perf_counter()
-            result = run_trials(model, eval_env_config(model.filter, model.env_config), trials=args.trials,
+            result = run_trials(model, trials=args.trials,
                                 episodes=args.episodes, seed=args.seed, shift=shift)
             results.setdefault(name, {})[label] = result.summary
             rates = ", ".join(f"{r:.2f}" for r in result.summary["success_per_episode"])
@@ -101,9 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     write_json_atomic(args.out / "robustness.json", {"trials": args.trials, "seed": args.seed, "rows": rows,
                                                      "summaries": results})
     text = table(rows, args.episodes)
-    tmp = args.out / "robustness.md.tmp"
-    tmp.write_text(text + "\n")
-    tmp.replace(args.out / "robustness.md")
+    write_text_atomic(args.out / "robustness.md", text + "\n")
     print(f"\n{text}\n\nwrote {args.out / 'robustness.json'} and {args.out / 'robustness.md'}")
     return 0
 

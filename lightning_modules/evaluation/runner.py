@@ -135,7 +135,8 @@ class TrialRunner:
             if any(info["task"] != int(k) for (_, info), k in zip(resets, targets)):
                 raise RuntimeError("an evaluation env did not take the trial's target task")
             obs = [o for o, _ in resets]
-            noise = [np.random.default_rng(derive_seed(seed, i, ep, SHIFT_STREAM)) for i in trial_ids]
+            noise = ([np.random.default_rng(derive_seed(seed, i, ep, SHIFT_STREAM)) for i in trial_ids]
+                     if self.action_noise > 0 or self.obs_noise > 0 else [])
             for t in range(T):
                 obs_t = _stack_obs(obs, keys)
                 if self.obs_noise > 0 and STATE in obs_t:
@@ -223,6 +224,8 @@ def run_trials(model: Any, env_config: EnvConfig | dict[str, Any] | None = None,
     32)``; pass a ``runner`` to reuse envs. ``shift``: a :class:`~lightning_modules.evaluation.shifts.Shift` applied
     to those env parameters and to the loop (action / observation noise).
     """
+    if runner is not None and shift is not None:
+        raise ValueError("run_trials: pass a shift or a runner, not both (a runner's envs and noise are fixed)")
     if runner is None:
         cfg = eval_env_config(model.filter, env_config if env_config is not None else model.env_config)
         noise = {}
