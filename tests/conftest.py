@@ -34,11 +34,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _make(root, obs_mode: str, rollouts: int, length: int, seed: int = 0):
+def _quickstart_env_fields() -> dict:
+    """The ``env`` of the state quickstart's data config (what its data covers), so that the quickstart configs
+    accept the tiny state dataset: declared once, in ``configs/data/quickstart_state.yaml``."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "data" / "quickstart_state.yaml"
+    return dict(OmegaConf.to_container(OmegaConf.load(path)).get("init_args", {}).get("env") or {})
+
+
+def _make(root, obs_mode: str, rollouts: int, length: int, seed: int = 0, env_fields: dict | None = None):
     from envs.collect import collect_dataset
     from envs.two_drawers import EnvConfig
 
-    env = EnvConfig(obs_mode=obs_mode, image_size=32, episode_length=length)
+    env = EnvConfig.from_dict({**EnvConfig(obs_mode=obs_mode, image_size=32, episode_length=length).to_dict(),
+                               **(env_fields or {})})
     return collect_dataset(root, env, rollouts_per_task=rollouts, seed=seed, workers=0, progress=False)
 
 
@@ -50,8 +62,9 @@ def tiny_pixel_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_state_dataset(tmp_path_factory):
-    """2 tasks x 8 rollouts x 40 steps, state observations only (fast)."""
-    return _make(tmp_path_factory.mktemp("tiny_state") / "ds", "state", rollouts=8, length=40)
+    """2 tasks x 8 rollouts x 40 steps, state observations only (fast), under the state quickstart's conditions."""
+    return _make(tmp_path_factory.mktemp("tiny_state") / "ds", "state", rollouts=8, length=40,
+                 env_fields=_quickstart_env_fields())
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,11 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {monitor: null, every_n_train_steps: 2, save_top_k: 1, save_last: true, filename: "{step}"}
 """
+# The learning-rate schedule spans lr_decay_steps (default: max_steps): fixed here, so that the run stopped at step 3
+# by max_steps=3 follows the same schedule as the uninterrupted 6-step one.
 RESUME_OVERLAY = """\
+model:
+  init_args: {lr_decay_steps: 6}
 trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
