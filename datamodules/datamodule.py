@@ -171,6 +171,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
             raise ValueError(f"data env: set {reserved} as the data module's own arguments, not in env")
         self.env = EnvConfig.from_dict({**EnvConfig(obs_mode=obs_mode, image_size=image_size,
                                                     episode_length=episode_length).to_dict(), **(env or {})})
+        if num_tasks is not None and num_tasks != self.env.num_drawers:
+            raise ValueError(f"num_tasks={num_tasks} but env.num_drawers={self.env.num_drawers}: one task per drawer")
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
         beyond = [k for k in self.obs_keys if k not in stored_obs_keys(self.env)]
         if beyond:

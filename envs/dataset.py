@@ -31,7 +31,7 @@ from tensordict import TensorDict
 from envs.atomic import write_json_atomic
 from envs.integrity import NO_CHECKSUM, DatasetError, check_buffer_files, verify_rollouts
 from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED, obs_keys_for
-from envs.two_drawers import ACTION_DIM, NUM_TASKS, STATE_DIM, EnvConfig
+from envs.two_drawers import ACTION_DIM, NUM_TASKS, EnvConfig, state_dim
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -79,7 +79,7 @@ class DatasetMetadata:
         if version != FORMAT_VERSION:
             raise DatasetError(f"unsupported dataset format_version {version!r} (this code reads {FORMAT_VERSION})")
         try:
-            return cls(
+            meta = cls(
                 env=EnvConfig.from_dict(data["env"]),
                 rollouts_per_task=int(data["rollouts_per_task"]),
                 seed=int(data["seed"]),
@@ -88,6 +88,10 @@ class DatasetMetadata:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"corrupt dataset metadata: {err}") from err
+        if meta.num_tasks != meta.env.num_drawers:
+            raise DatasetError(f"corrupt dataset metadata: num_tasks={meta.num_tasks} but env.num_drawers="
+                               f"{meta.env.num_drawers} (one task per drawer)")
+        return meta
 
     def same_source(self, other: "DatasetMetadata") -> bool:
         """True when rollouts of ``other`` could extend this dataset (everything but the count agrees)."""
@@ -116,7 +120,7 @@ def empty_rollouts(env: EnvConfig, n: int) -> TensorDict:
     if PIXELS in obs_keys(env):
         fields[PIXELS] = zeros(3, size, size, dtype=torch.uint8)
     if STATE in obs_keys(env):
-        fields[STATE] = zeros(STATE_DIM)
+        fields[STATE] = zeros(state_dim(env.num_drawers))
     return TensorDict(fields, batch_size=[n, t])
 
 

@@ -1,8 +1,9 @@
-"""Compose the Sawyer two-drawer scene from Metaworld's own assets with ``mujoco.MjSpec``.
+"""Compose the Sawyer drawer scene from Metaworld's own assets with ``mujoco.MjSpec``.
 
 No Metaworld XML is copied: the Sawyer + table scene and the drawer are read from the installed
 ``metaworld`` package; the single drawer of ``sawyer_drawer.xml`` is detached and the drawer body is
-attached twice, with the name prefixes ``left/`` and ``right/``.
+attached once per drawer: twice (name prefixes ``left/`` and ``right/``) in the paper's scene, or N times in a row
+(``drawer0/`` ... from left to right, :meth:`SceneConfig.for_drawers`).
 """
 
 from __future__ import annotations
@@ -13,19 +14,36 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
-DRAWER_PREFIXES = ("left/", "right/")
+DRAWER_PREFIXES = ("left/", "right/")  # the paper's two drawers
 SCENE_CAMERA = "scene"
+DRAWER_WIDTH = 0.236  # x extent of Metaworld's drawer case (measured on the compiled scene)
+ROW_SPACING = 0.25    # centre to centre in a row of 3 or more drawers (1.4 cm between two cases)
+
+
+def drawer_prefixes(num_drawers: int) -> tuple[str, ...]:
+    """Body-name prefixes of the drawers, left to right: ``left/``, ``right/`` for two, else ``drawer<i>/``."""
+    return DRAWER_PREFIXES if num_drawers == 2 else tuple(f"drawer{i}/" for i in range(num_drawers))
 
 
 @dataclass(frozen=True)
 class SceneConfig:
-    """Geometry of the scene: drawer positions and the fixed camera."""
+    """Geometry of the scene: drawer positions (one x per drawer, left to right) and the fixed camera."""
 
-    drawer_x: tuple[float, float] = (-0.15, 0.15)
+    drawer_x: tuple[float, ...] = (-0.15, 0.15)
     drawer_y: float = 0.9
     camera_pos: tuple[float, float, float] = (0.0, 0.95, 1.1)
     camera_target: tuple[float, float, float] = (0.0, 0.68, 0.0)
     camera_fovy: float = 45.0
+
+    @classmethod
+    def for_drawers(cls, num_drawers: int) -> "SceneConfig":
+        """The scene with ``num_drawers`` drawers: the paper's for two, else a centred row ``ROW_SPACING`` apart,
+        the camera's field of view widened to keep every drawer and its opening in the frame."""
+        if num_drawers == 2:
+            return cls()
+        xs = tuple(round((i - (num_drawers - 1) / 2) * ROW_SPACING, 4) for i in range(num_drawers))
+        half_width = max(abs(x) for x in xs) + DRAWER_WIDTH / 2
+        return cls(drawer_x=xs, camera_fovy=45.0 if half_width <= 0.42 else 55.0)
 
 
 def metaworld_asset(relative: str) -> str:
@@ -45,12 +63,12 @@ def _lookat_xyaxes(pos: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def build_spec(config: SceneConfig = SceneConfig()) -> mujoco.MjSpec:
-    """Return the (uncompiled) spec of the Sawyer arm with two drawers side by side."""
+    """Return the (uncompiled) spec of the Sawyer arm with the drawers side by side."""
     source = metaworld_asset(os.path.join("sawyer_xyz", "sawyer_drawer.xml"))
     spec = mujoco.MjSpec.from_file(source)
     spec.detach_body(spec.body("drawer"))
     spec.site("goal").delete()  # Metaworld's goal marker would tell the task away in the image
-    for prefix, x in zip(DRAWER_PREFIXES, config.drawer_x):
+    for prefix, x in zip(drawer_prefixes(len(config.drawer_x)), config.drawer_x):
         child = mujoco.MjSpec.from_file(source)  # one fresh copy per attachment
         drawer = child.body("drawer")
         drawer.pos = [x, config.drawer_y, 0.0]

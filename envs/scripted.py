@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.two_drawers import NUM_TASKS, SawyerTwoDrawersEnv
+from envs.two_drawers import MAX_DRAWERS, SawyerTwoDrawersEnv, task_names
 
 
 class DrawerOpener:
@@ -26,8 +26,8 @@ class DrawerOpener:
         z_tolerance: float = 0.02,
         seed: int | None = None,
     ):
-        if not 0 <= task < NUM_TASKS:
-            raise ValueError(f"unknown task {task!r}: tasks are 0 (left drawer) and 1 (right drawer)")
+        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < MAX_DRAWERS:
+            raise ValueError(f"unknown task {task!r}: a drawer index in 0..{MAX_DRAWERS - 1}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         self.task = task
@@ -40,6 +40,9 @@ class DrawerOpener:
 
     def clean_action(self, env: SawyerTwoDrawersEnv) -> np.ndarray:
         """The noiseless action for the env's current simulator state."""
+        if self.task >= env.num_tasks:
+            names = ", ".join(f"{i} ({name})" for i, name in enumerate(task_names(env.num_tasks)))
+            raise ValueError(f"unknown task {self.task!r} for this scene: tasks are {names}")
         tcp = env.tcp()
         grasp = env.handle_pos(self.task)
         if np.linalg.norm(tcp[:2] - grasp[:2]) > self.xy_tolerance:

@@ -1,4 +1,5 @@
 """``SawyerTwoDrawers-v0``: a Sawyer arm and two drawers; task 0 opens the left drawer, task 1 the right.
+``SawyerDrawers-v0`` (``num_drawers`` N = 2..4): N drawers in a row, task i opens drawer i (0 = leftmost).
 
 The task is hidden: it is never part of the observation. The reward is sparse: 1.0 at every step at which
 the *target* drawer is open beyond ``open_threshold`` metres, else 0 (opening the wrong drawer pays nothing).
@@ -18,13 +19,27 @@ import numpy as np
 
 from envs.keys import OBS_MODES as MODE_KEYS
 from envs.keys import PIXELS, STATE
-from envs.scene import DRAWER_PREFIXES, SCENE_CAMERA, SceneConfig, build_model
+from envs.scene import SCENE_CAMERA, SceneConfig, build_model, drawer_prefixes
 from envs.typed import check_types
 
 OBS_MODES = tuple(MODE_KEYS)
-NUM_TASKS = 2
-STATE_DIM = 6  # tcp xyz, finger gap, left opening, right opening
+NUM_TASKS = 2      # the paper's scene (EnvConfig.num_drawers defaults to it); task i = open drawer i
+MAX_DRAWERS = 4
 ACTION_DIM = 4
+HANDLE_REACH = 0.07  # the hand's box (mocap range) extends this far beyond the outermost drawer's centre (x)
+
+
+def state_dim(num_drawers: int = NUM_TASKS) -> int:
+    """Size of the ``state`` observation: tcp xyz, finger gap, one opening per drawer."""
+    return 4 + num_drawers
+
+
+def task_names(num_drawers: int = NUM_TASKS) -> tuple[str, ...]:
+    """Human names of the tasks (the drawer each one opens)."""
+    return ("left drawer", "right drawer") if num_drawers == 2 else tuple(f"drawer {i}" for i in range(num_drawers))
+
+
+STATE_DIM = state_dim(NUM_TASKS)  # tcp xyz, finger gap, left opening, right opening
 _HAND_QUAT = np.array([1.0, 0.0, 1.0, 0.0])
 
 
@@ -33,6 +48,7 @@ class EnvConfig:
     """Every parameter that changes what the env produces (stored with datasets to refuse mismatches)."""
 
     obs_mode: str = "pixels"
+    num_drawers: int = NUM_TASKS  # N drawers in a row (2 = the paper's scene); the scene is laid out for N
     image_size: int = 64
     episode_length: int = 40
     action_repeat: int = 2
@@ -60,6 +76,24 @@ class EnvConfig:
             raise ValueError(f"env.action_scale_jitter must be in [0, 1), got {self.action_scale_jitter}")
         if self.obs_mode not in OBS_MODES:
             raise ValueError(f"unknown obs_mode {self.obs_mode!r}; choose one of {OBS_MODES}")
+        if not 2 <= self.num_drawers <= MAX_DRAWERS:
+            raise ValueError(f"env.num_drawers must be in 2..{MAX_DRAWERS}, got {self.num_drawers}")
+        self._lay_out_drawers()
+
+    def _lay_out_drawers(self) -> None:
+        """Left at their defaults, the scene and the hand's box follow ``num_drawers`` (a row the hand reaches);
+        set explicitly, they must agree with it."""
+        fields = self.__dataclass_fields__
+        if len(self.scene.drawer_x) != self.num_drawers:
+            if self.scene != SceneConfig():
+                raise ValueError(f"env.scene.drawer_x has {len(self.scene.drawer_x)} positions but env.num_drawers "
+                                 f"is {self.num_drawers}")
+            object.__setattr__(self, "scene", SceneConfig.for_drawers(self.num_drawers))
+        reach = max(abs(x) for x in self.scene.drawer_x) + HANDLE_REACH
+        at_default = (self.mocap_low == fields["mocap_low"].default and self.mocap_high == fields["mocap_high"].default)
+        if at_default and reach > self.mocap_high[0]:
+            object.__setattr__(self, "mocap_low", (-round(reach, 4), *self.mocap_low[1:]))
+            object.__setattr__(self, "mocap_high", (round(reach, 4), *self.mocap_high[1:]))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
@@ -99,8 +133,9 @@ class SawyerTwoDrawersEnv(gym.Env):
         self.render_mode = render_mode
         self.model = build_model(config.scene, fast_render=config.fast_render)
         self.data = mujoco.MjData(self.model)
-        self._slides = [self.model.joint(f"{p}goal_slidey").qposadr[0] for p in DRAWER_PREFIXES]
-        self._drawer_links = [self.model.body(f"{p}drawer_link").id for p in DRAWER_PREFIXES]
+        prefixes = drawer_prefixes(config.num_drawers)
+        self._slides = [self.model.joint(f"{p}goal_slidey").qposadr[0] for p in prefixes]
+        self._drawer_links = [self.model.body(f"{p}drawer_link").id for p in prefixes]
         self._left_tip = self.model.site("leftEndEffector").id
         self._right_tip = self.model.site("rightEndEffector").id
         self._mocap_low = np.asarray(config.mocap_low)
@@ -116,15 +151,20 @@ class SawyerTwoDrawersEnv(gym.Env):
         if PIXELS in MODE_KEYS[config.obs_mode]:
             spaces[PIXELS] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
         if STATE in MODE_KEYS[config.obs_mode]:
-            spaces[STATE] = gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+            spaces[STATE] = gym.spaces.Box(-np.inf, np.inf, (state_dim(config.num_drawers),), np.float32)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
     # ------------------------------------------------------------------ queries
     @property
     def task(self) -> int:
-        """The current target drawer (0 = left, 1 = right). Hidden from the agent."""
+        """The current target drawer (0 = left, 1 = right; drawer i of N from the left). Hidden from the agent."""
         return self._task
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks = drawers."""
+        return self.config.num_drawers
 
     def tcp(self) -> np.ndarray:
         """Position of the point between the fingertips."""
@@ -139,7 +179,7 @@ class SawyerTwoDrawersEnv(gym.Env):
         return self.data.xpos[self._drawer_links[drawer]] + np.array([0.0, -0.165, -0.02])
 
     def state_vector(self) -> np.ndarray:
-        """The ``state`` observation: tcp position, finger gap, both drawer openings."""
+        """The ``state`` observation: tcp position, finger gap, every drawer's opening."""
         gap = np.linalg.norm(self.data.site_xpos[self._left_tip] - self.data.site_xpos[self._right_tip])
         return np.concatenate([self.tcp(), [gap], self.openings()]).astype(np.float32)
 
@@ -152,9 +192,10 @@ class SawyerTwoDrawersEnv(gym.Env):
             raise ValueError(f"unknown reset option(s) {unknown}; the only option is 'task'")
         task = options.get("task")
         if task is None:
-            task = int(self.np_random.integers(NUM_TASKS))
-        elif isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < NUM_TASKS:
-            raise ValueError(f"unknown task {task!r}: tasks are 0 (left drawer) and 1 (right drawer)")
+            task = int(self.np_random.integers(self.num_tasks))
+        elif isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < self.num_tasks:
+            names = ", ".join(f"{i} ({name})" for i, name in enumerate(task_names(self.num_tasks)))
+            raise ValueError(f"unknown task {task!r}: tasks are {names}")
         self._task = int(task)
         self._steps = 0
 
@@ -223,10 +264,16 @@ class SawyerTwoDrawersEnv(gym.Env):
 
     def _info(self) -> dict[str, Any]:
         openings = self.openings()
-        return {
-            "success": bool(openings[self._task] > self.config.open_threshold),
+        is_open = openings > self.config.open_threshold
+        info = {
+            "success": bool(is_open[self._task]),
             "task": self._task,
-            "opening_left": float(openings[0]),
-            "opening_right": float(openings[1]),
-            "wrong_drawer_open": bool(openings[1 - self._task] > self.config.open_threshold),
+            "wrong_drawer_open": bool(np.delete(is_open, self._task).any()),
+            # the drawer that is open (the most open one when several are), -1 when none is
+            "opened": int(np.argmax(openings)) if is_open.any() else -1,
         }
+        if self.num_tasks == 2:
+            info.update(opening_left=float(openings[0]), opening_right=float(openings[1]))
+        else:
+            info.update({f"opening_{i}": float(o) for i, o in enumerate(openings)})
+        return info

@@ -3,6 +3,7 @@
     python -m lightning_modules.pipeline                                   # CPU quickstart, the method ("ours")
     python -m lightning_modules.pipeline --methods no_expl no_cql          # the two ablations beside it
     python -m lightning_modules.pipeline --preset paper --seeds 0 1 2      # paper scale (GPU)
+    python -m lightning_modules.pipeline --preset drawers3 --methods ours no_expl no_cql   # 3 drawers, 4-episode trials
 
 Every stage is the command a user would type (``python -m envs.collect``, ``lightning fit --config ...``,
 ``python -m lightning_modules.evaluate``), printed before it runs. Stages that finished are skipped and a
@@ -42,11 +43,14 @@ from envs.errors import run_command
 
 REPO = Path(__file__).resolve().parents[1]  # configs are found here, whatever the working directory
 
-PRESETS = {
-    "quickstart": dict(data="configs/collect/quickstart_state.yaml", filter="configs/filter_quickstart.yaml",
-                       cql="configs/cql_quickstart.yaml"),
-    "paper": dict(data="configs/collect/two_drawers.yaml", filter="configs/filter_paper.yaml",
-                  cql="configs/cql_paper.yaml"),
+PRESETS = {  # preset -> its data config, the configs of each phase (later ones overlay earlier ones), episodes/trial
+    "quickstart": dict(data="configs/collect/quickstart_state.yaml", filter=["configs/filter_quickstart.yaml"],
+                       cql=["configs/cql_quickstart.yaml"], episodes=3),
+    "paper": dict(data="configs/collect/two_drawers.yaml", filter=["configs/filter_paper.yaml"],
+                  cql=["configs/cql_paper.yaml"], episodes=3),
+    "drawers3": dict(data="configs/collect/drawers3_state.yaml",
+                     filter=["configs/filter_quickstart.yaml", "configs/drawers3/filter.yaml"],
+                     cql=["configs/cql_quickstart.yaml", "configs/drawers3/cql.yaml"], episodes=4),
 }
 METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlays of phase 2)
     "ours": ("synthetic", [], []),
@@ -147,15 +151,18 @@ def _fit_stage(name: str, configs: list[str], run_dir: Path, seed: int, extra: l
     return Stage(name, argv, run_dir)
 
 
-def online_selection_args(config: str) -> list[str]:
-    """``lightning fit`` arguments that turn on ``save_best`` of the config's periodic evaluation callback (the
-    callbacks list is passed whole, as JSON, with that one change)."""
+def online_selection_args(configs: str | list[str]) -> list[str]:
+    """``lightning fit`` arguments that turn on ``save_best`` of the periodic evaluation callback of the configs
+    (the last one that lists callbacks; the list is passed whole, as JSON, with that one change)."""
     import yaml
 
-    callbacks = copy.deepcopy((yaml.safe_load(Path(config).read_text()).get("trainer") or {}).get("callbacks") or [])
+    callbacks: list = []
+    for config in [configs] if isinstance(configs, str) else configs:
+        listed = (yaml.safe_load(Path(config).read_text()).get("trainer") or {}).get("callbacks")
+        callbacks = copy.deepcopy(listed) if listed else callbacks
     found = [c for c in callbacks if isinstance(c, dict) and c.get("class_path") == EVALUATOR]
     if not found:
-        raise ValueError(f"--online-selection: {config} has no {EVALUATOR.rsplit('.', 1)[1]} callback")
+        raise ValueError(f"--online-selection: {configs} has no {EVALUATOR.rsplit('.', 1)[1]} callback")
     for c in found:
         c.setdefault("init_args", {})["save_best"] = True
     return ["--trainer.callbacks", json.dumps(callbacks)]
@@ -165,7 +172,9 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
          phase1_args: list[str], phase2_args: list[str], data_root: str | None = None,
          data_args: list[str] | None = None, online_selection: bool = False) -> list[Stage]:
     """The stages to run, in order (phase 1 of a data mode is shared by the methods that use it)."""
-    cfg = {k: config_path(v) for k, v in PRESETS[preset].items()}
+    preset_cfg = PRESETS[preset]
+    cfg = {"data": config_path(preset_cfg["data"]), "filter": [config_path(c) for c in preset_cfg["filter"]],
+           "cql": [config_path(c) for c in preset_cfg["cql"]]}
     if online_selection:
         phase2_args = [*online_selection_args(cfg["cql"]), *phase2_args]
     data_args = list(data_args or [])
@@ -183,10 +192,10 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
             if key not in filters:
                 run = out / "filters" / mode / f"seed_{seed}"
                 filters[key] = run
-                stages.append(_fit_stage(f"phase 1 ({mode}, seed {seed})", [cfg["filter"], *overlays1], run, seed, phase1_args))
+                stages.append(_fit_stage(f"phase 1 ({mode}, seed {seed})", [*cfg["filter"], *overlays1], run, seed, phase1_args))
             filter_ckpt = filters[key] / "checkpoints" / "last.ckpt"
             run2 = out / method / f"seed_{seed}" / "phase2"
-            stages.append(_fit_stage(f"phase 2 ({method}, seed {seed})", [cfg["cql"], *overlays2], run2, seed,
+            stages.append(_fit_stage(f"phase 2 ({method}, seed {seed})", [*cfg["cql"], *overlays2], run2, seed,
                                      ["--model.init_args.filter_checkpoint", str(filter_ckpt), *phase2_args]))
             final = out / method / f"seed_{seed}"
             stages.append(_eval_stage(f"evaluation ({method}, seed {seed})", run2 / "checkpoints" / "last.ckpt",
@@ -244,7 +253,7 @@ def summarize(out: Path) -> None:
                   "(best_eval.ckpt, chosen with online rollouts), on fresh trials\n\n"
                   + results_table(collect_curves(out / ONLINE)))
     write_text_atomic(out / "results.md", table + "\n")
-    fig = figure2(curves)
+    fig = figure2(curves, num_tasks=max(c.num_tasks for c in curves))
     fig.savefig(out / "figure2.png", dpi=150)
     print(f"\n{table}\n\nwrote {out / 'figure2.png'} and {out / 'results.md'}")
     learning = collect_learning_curves(out)
@@ -262,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", type=Path, default=None, help="default: runs/pipeline_<preset>")
     p.add_argument("--trials", type=int, default=50, help="final evaluation trials per run")
-    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=None, help="episodes per final-evaluation trial (default: the "
+                   "preset's: 3, or 4 for drawers3)")
     p.add_argument("--phase1-args", default="", metavar="ARGS",
                    help='extra `lightning fit` args of phase 1, one string: --phase1-args="--trainer.max_steps 500"')
     p.add_argument("--phase2-args", default="", metavar="ARGS", help="extra `lightning fit` args of phase 2, likewise")
@@ -292,6 +302,8 @@ def _check_writable(folder: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """Validate every argument (before any work), then run the stages that are not done."""
+    if args.episodes is None:
+        args.episodes = PRESETS[args.preset]["episodes"]
     if args.trials < 1 or args.episodes < 1:
         raise ValueError(f"--trials and --episodes must be >= 1, got {args.trials} and {args.episodes}")
     if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):

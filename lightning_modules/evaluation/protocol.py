@@ -38,6 +38,9 @@ def eval_env_config(filter_module: BeliefFilter, env_config: EnvConfig | dict[st
     if overrides:
         cfg = EnvConfig.from_dict({**cfg.to_dict(), **overrides})
     cfg = dataclasses.replace(cfg, obs_mode=obs_mode_for(filter_module.obs_keys))
+    if int(filter_module.num_tasks) != cfg.num_drawers:
+        raise ValueError(f"task count: the evaluation scene has {cfg.num_drawers} drawers, the filter was trained on "
+                         f"{filter_module.num_tasks} tasks")
     if PIXELS in filter_module.obs_keys and cfg.image_size != int(filter_module.image_size):
         raise ValueError(f"image size: the evaluation env renders {cfg.image_size} px, the filter expects "
                          f"{filter_module.image_size} px")
@@ -59,7 +62,8 @@ def draw_targets(seed: int, trials: int, num_tasks: int = NUM_TASKS) -> np.ndarr
     return rng.permutation(balanced)
 
 
-def summarize(trials: list[dict[str, Any]], episodes: int, success_metric: str) -> dict[str, Any]:
+def summarize(trials: list[dict[str, Any]], episodes: int, success_metric: str,
+              num_tasks: int = NUM_TASKS) -> dict[str, Any]:
     """Success rate (and its standard error), return and wrong-drawer rate per episode index."""
     n = len(trials)
 
@@ -77,5 +81,5 @@ def summarize(trials: list[dict[str, Any]], episodes: int, success_metric: str) 
         "success_any_step_per_episode": rate("success_any"),
         "wrong_drawer_open_per_episode": rate("wrong_drawer_open"),
         "return_per_episode": rate("return"),
-        "target_counts": [sum(1 for t in trials if t["target"] == k) for k in range(NUM_TASKS)],
+        "target_counts": [sum(1 for t in trials if t["target"] == k) for k in range(num_tasks)],
     }

@@ -83,6 +83,7 @@ class MethodCurve:
     seeds: list[str]
     per_seed: np.ndarray  # [seeds, episodes]
     trials: int           # trials per seed (smallest)
+    num_tasks: int = 2    # drawers of the scene (from the evaluations' target counts)
 
     @property
     def mean(self) -> np.ndarray:
@@ -129,12 +130,15 @@ def collect_curves(root: str | Path, which: str = "last") -> list[MethodCurve]:
         episodes = min(len(e["summary"]["success_per_episode"]) for _, e in entries)
         per_seed = np.array([e["summary"]["success_per_episode"][:episodes] for _, e in entries], dtype=float)
         trials = min(int(e["summary"]["trials"]) for _, e in entries)
-        curves.append(MethodCurve(METHOD_LABELS.get(method, method), [s for s, _ in entries], per_seed, trials))
+        num_tasks = max(len(e["summary"].get("target_counts") or [0, 0]) for _, e in entries)
+        curves.append(MethodCurve(METHOD_LABELS.get(method, method), [s for s, _ in entries], per_seed, trials,
+                                  num_tasks))
     return curves
 
 
-def figure2(curves: list[MethodCurve], title: str = "Two drawers: success vs exploration episodes"):
-    """Matplotlib figure: success rate against episode index (1 = no exploration yet), 95% CI bands."""
+def figure2(curves: list[MethodCurve], title: str | None = None, num_tasks: int = 2):
+    """Matplotlib figure: success rate against episode index (1 = no exploration yet), 95% CI bands, and the
+    optimal explorer's line (a new drawer each episode: success in episode k = min(k / N, 1))."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -145,11 +149,14 @@ def figure2(curves: list[MethodCurve], title: str = "Two drawers: success vs exp
         x = np.arange(1, curve.mean.shape[0] + 1)
         ax.plot(x, curve.mean, marker="o", label=f"{curve.label} ({len(curve.seeds)} seed{'s' * (len(curve.seeds) > 1)})")
         ax.fill_between(x, np.clip(curve.mean - curve.ci95, 0, 1), np.clip(curve.mean + curve.ci95, 0, 1), alpha=0.2)
+    episodes = max(c.mean.shape[0] for c in curves)
+    k = np.arange(1, episodes + 1)
+    ax.plot(k, np.minimum(k / num_tasks, 1.0), "k:", label="optimal explorer")
     ax.set_xlabel("episode of the trial (episodes before it = exploration rollouts)")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xticks(np.arange(1, max(c.mean.shape[0] for c in curves) + 1))
-    ax.set_title(title)
+    ax.set_title(title or f"{num_tasks} drawers: success vs exploration episodes")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -91,7 +91,7 @@ class TrialRunner:
         if trials < 1 or episodes < 1:
             raise ValueError(f"trials and episodes must be >= 1, got {trials} and {episodes}")
         start = time.perf_counter()
-        targets = draw_targets(seed, trials)
+        targets = draw_targets(seed, trials, self.env_config.num_drawers)
         results: list[dict[str, Any]] = []
         recorded, beliefs, frames = [], [], None
         for first in range(0, trials, len(self.envs)):
@@ -105,7 +105,7 @@ class TrialRunner:
             if out.get("frames") is not None:
                 frames = out["frames"]
         seconds = time.perf_counter() - start
-        summary = summarize(results, episodes, success_metric)
+        summary = summarize(results, episodes, success_metric, self.env_config.num_drawers)
         summary["seconds"] = seconds
         summary["episodes_per_second"] = trials * episodes / seconds
         summary["seed"] = seed
@@ -126,6 +126,7 @@ class TrialRunner:
         success = np.zeros((n, episodes), dtype=bool)
         success_any = np.zeros((n, episodes), dtype=bool)
         wrong = np.zeros((n, episodes), dtype=bool)
+        opened = np.full((n, episodes), -1, dtype=int)  # the drawer open at the end of each episode (-1: none)
         returns = np.zeros((n, episodes))
         frames: list[np.ndarray] | None = [] if video else None
         for ep in range(episodes):
@@ -159,6 +160,7 @@ class TrialRunner:
                 if t == T - 1:
                     success[:, ep] = ok
                     wrong[:, ep] = [s[4]["wrong_drawer_open"] for s in steps]
+                    opened[:, ep] = [s[4]["opened"] for s in steps]
                 if record:
                     rec["obs"].append(obs_t)
                     rec["action"].append(action)
@@ -167,7 +169,7 @@ class TrialRunner:
                 prev_action, reward = action, torch.from_numpy(r)[:, None]
         trials = [{"trial": int(i), "target": int(k), "success": success[j].tolist(),
                    "success_any": success_any[j].tolist(), "wrong_drawer_open": wrong[j].tolist(),
-                   "return": returns[j].tolist()} for j, (i, k) in enumerate(zip(trial_ids, targets))]
+                   "opened": opened[j].tolist(), "return": returns[j].tolist()} for j, (i, k) in enumerate(zip(trial_ids, targets))]
         out: dict[str, Any] = {"trials": trials}
         if record:
             out["recorded"] = _dataset_layout(rec, keys, trial_ids, targets, episodes, T)

@@ -87,7 +87,9 @@ def test_evaluate_shift_option_and_robustness_suite(phase2_ckpt, tmp_path):
     assert evaluate(["--checkpoint", str(phase2_ckpt), "--trials", "2", "--episodes", "1", "--out", str(out),
                      "--shift", "hand_start"]) == 0
     data = json.loads(out.read_text())
-    assert data["shift"]["name"] == "hand_start" and data["env_config"]["hand_offset"] == pytest.approx([0.04, 0.04])
+    farthest = torch.load(phase2_ckpt, map_location="cpu", weights_only=True)["env_config"]["hand_offset"][1]
+    assert data["shift"]["name"] == "hand_start"  # 4 cm beyond the data's farthest start, in every trial
+    assert data["env_config"]["hand_offset"] == pytest.approx([farthest + 0.04] * 2)
     with pytest.raises(SystemExit):  # argparse: not a known shift
         evaluate(["--checkpoint", str(phase2_ckpt), "--out", str(out), "--shift", "gravity"])
 

@@ -132,3 +132,24 @@ def test_online_selection_is_opt_in_and_labelled(tmp_path):
     text = (tmp_path / "results.md").read_text()
     final, diag = text.split("DIAGNOSTIC")
     assert "0.90" in final and "1.00" not in final and "chosen with online rollouts" in diag and "1.00" in diag
+
+
+def test_drawers3_preset_tiny(tmp_path):
+    """The 3-drawer preset through the real CLI at tiny scale: N = 3 is taken from the data by every stage, the
+    final evaluation plays 4-episode trials, and each trial records which drawer was open after each episode."""
+    overlay = tmp_path / "tiny_phase2.yaml"
+    overlay.write_text(TINY_PHASE2.replace("episodes: 2", "episodes: 4").replace("trials: 2", "trials: 3"))
+    out, data = tmp_path / "out", tmp_path / "data"
+    cmd = [sys.executable, "-m", "lightning_modules.pipeline", "--preset", "drawers3", "--methods", "ours",
+           "--out", str(out), "--data-root", str(data), "--data-args", "rollouts_per_task=3 env.episode_length=10",
+           "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
+           "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "3"]
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "--config configs/filter_quickstart.yaml --config configs/drawers3/filter.yaml" in run.stdout
+    meta = json.loads((data / "metadata.json").read_text())
+    assert meta["num_tasks"] == 3 and meta["env"]["num_drawers"] == 3
+    final = json.loads((out / "ours" / "seed_0" / "eval_results.json").read_text())["evaluations"][-1]
+    assert len(final["summary"]["success_per_episode"]) == 4 and final["summary"]["target_counts"] == [1, 1, 1]
+    assert all(len(t["opened"]) == 4 and set(t["opened"]) <= {-1, 0, 1, 2} for t in final["trials"])
+    assert (out / "figure2.png").stat().st_size > 0
