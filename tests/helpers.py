@@ -73,12 +73,22 @@ def sample_batch(dataset, batch_size: int = 3, num_segments: int = 2, seed: int 
     return MetaExplorationSampler(dataset.buffers, cfg).sample(torch.Generator().manual_seed(seed))
 
 
+def collection_env(dataset) -> dict:
+    """The data module ``env`` that re-creates a fixture dataset's collection parameters (those not at default)."""
+    from envs.two_drawers import EnvConfig
+
+    own = {"obs_mode", "image_size", "episode_length"}  # the data module's own arguments
+    mine, default = dataset.env_config.to_dict(), EnvConfig().to_dict()
+    return {k: v for k, v in mine.items() if k not in own and v != default[k]}
+
+
 def tiny_datamodule(dataset, cls=None, **kw):
     """A MetaExplorationDataModule over a fixture dataset (every stored observation key unless ``obs_keys``)."""
     from datamodules import MetaExplorationDataModule
 
     env = dataset.env_config
     args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size, obs_keys=None,
+                env=collection_env(dataset) or None,
                 episode_length=env.episode_length, rollouts_per_task=dataset.rollouts_per_task, num_segments=2,
                 batch_size=2, batches_per_epoch=3, val_batches=1)
     args.update(kw)

@@ -16,6 +16,7 @@ from tensordict import TensorDict
 
 from datamodules import MetaExplorationDataModule
 from envs.dataset import DatasetError, progress_path
+from helpers import collection_env
 
 T = 10
 
@@ -25,7 +26,7 @@ def make_dm(dataset, **kw) -> MetaExplorationDataModule:
     env = dataset.metadata.env
     args = dict(root=str(dataset.root), obs_mode=env.obs_mode, image_size=env.image_size, episode_length=env.episode_length,
                 rollouts_per_task=dataset.rollouts_per_task, batch_size=4, num_segments=2, segment_length=T,
-                batches_per_epoch=4, val_batches=2)
+                batches_per_epoch=4, val_batches=2, env=collection_env(dataset) or None)
     return MetaExplorationDataModule(**{**args, **kw})
 
 
@@ -113,7 +114,8 @@ def test_dataset_errors(tiny_state_dataset, tiny_pixel_dataset, tmp_path):
     incompatible = {
         "image_size": (tiny_pixel_dataset, dict(image_size=64), "32 px"),
         "obs keys": (tiny_state_dataset, dict(obs_mode="pixels"), "observation keys"),
-        "num tasks": (tiny_state_dataset, dict(num_tasks=3), "2 tasks"),
+        "num tasks": (tiny_state_dataset, dict(num_tasks=3, env={"num_drawers": 3}), "2 tasks"),
+        "tasks vs drawers": (tiny_state_dataset, dict(num_tasks=3), "num_tasks=3 but env.num_drawers=2"),
         "action size": (tiny_state_dataset, dict(action_dim=7), "action"),
         "episode length": (tiny_state_dataset, dict(episode_length=50), "40 steps"),
         "segment length": (tiny_state_dataset, dict(segment_length=41), "segment_length"),
