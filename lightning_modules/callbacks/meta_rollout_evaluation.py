@@ -17,10 +17,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from envs.two_drawers import EnvConfig
-from lightning_modules.evaluation.protocol import SUCCESS_METRICS, eval_env_config
+from lightning_modules.evaluation.protocol import SUCCESS_METRICS, eval_env_config, search_order
 from lightning_modules.evaluation.results import (EVAL, RESULTS_FILE, earlier_evaluations, scalar_metrics,
                                                   success_figure, write_results)
 from lightning_modules.evaluation.runner import EvalResult, TrialRunner
+
+SEARCH_ORDER_ROWS = 24  # trials listed in the TensorBoard text eval/search_order
 
 
 class MetaRolloutEvaluation(Callback):
@@ -165,6 +167,9 @@ class MetaRolloutEvaluation(Callback):
                 fig = success_figure(result.summary, title=f"step {step}")
                 experiment.add_figure("eval/success_vs_episode", fig, global_step=step, close=True)
                 plt.close(fig)
+            if hasattr(experiment, "add_text"):  # which drawer each trial opened, episode by episode
+                orders = [search_order(t) for t in result.trials if "opened" in t][:SEARCH_ORDER_ROWS]
+                experiment.add_text("eval/search_order", "    " + "\n    ".join(orders), global_step=step)
             if result.video is not None and hasattr(experiment, "add_video"):
                 try:
                     experiment.add_video("eval/trial0", result.video, global_step=step, fps=self.video_fps)

@@ -62,6 +62,23 @@ def draw_targets(seed: int, trials: int, num_tasks: int = NUM_TASKS) -> np.ndarr
     return rng.permutation(balanced)
 
 
+def revisits_failed_drawer(trial: dict[str, Any]) -> bool:
+    """The trial opened, in some episode, a drawer that an earlier episode had already opened without reward (a
+    systematic explorer never does: it tries a new drawer after each failure)."""
+    failed: set[int] = set()
+    for opened, success in zip(trial["opened"], trial["success"]):
+        if opened in failed:
+            return True
+        if opened >= 0 and not success:
+            failed.add(opened)
+    return False
+
+
+def search_order(trial: dict[str, Any]) -> str:
+    """The drawers a trial opened, episode by episode ("-" = none), e.g. ``target 2: 0 1 2 2``."""
+    return f"target {trial['target']}: " + " ".join("-" if o < 0 else str(o) for o in trial["opened"])
+
+
 def summarize(trials: list[dict[str, Any]], episodes: int, success_metric: str,
               num_tasks: int = NUM_TASKS) -> dict[str, Any]:
     """Success rate (and its standard error), return and wrong-drawer rate per episode index."""
@@ -82,4 +99,7 @@ def summarize(trials: list[dict[str, Any]], episodes: int, success_metric: str,
         "wrong_drawer_open_per_episode": rate("wrong_drawer_open"),
         "return_per_episode": rate("return"),
         "target_counts": [sum(1 for t in trials if t["target"] == k) for k in range(num_tasks)],
+        # trials that re-opened a drawer already found empty (the No Expl failure; 0 for a systematic explorer)
+        "revisit_failed_rate": (float(np.mean([revisits_failed_drawer(t) for t in trials]))
+                                if n and all("opened" in t for t in trials) else float("nan")),
     }

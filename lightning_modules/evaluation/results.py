@@ -70,6 +70,8 @@ def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
     out[f"{EVAL}success_last"] = float(rates[-1])
     out[f"{EVAL}success_mean"] = float(np.mean(rates))  # the config's checkpoint monitor (fewer ties than success_last)
     out[f"{EVAL}wrong_drawer_last"] = float(summary["wrong_drawer_open_per_episode"][-1])
+    if "revisit_failed_rate" in summary:
+        out[f"{EVAL}revisit_failed"] = float(summary["revisit_failed_rate"])
     out[f"{EVAL}episodes_per_s"] = float(summary["episodes_per_second"])
     return out
 
