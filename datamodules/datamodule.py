@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from datamodules.meta_exploration import MODES, MetaExplorationSampler, MetaExplorationStream, SamplerConfig, StreamProgress
 from envs.dataset import METADATA_FILE, OfflineDataset, open_dataset, open_progress, read_metadata
 from envs.dataset import obs_keys as stored_obs_keys
-from envs.two_drawers import ACTION_DIM, NUM_TASKS, EnvConfig
+from envs.two_drawers import ACTION_DIM, EnvConfig
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 # (Lightning warns about any IterableDataset with __len__ under several workers; these streams split the batches
@@ -123,7 +123,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
 
     Sampling: ``mode`` ("synthetic" or "no_expl"), ``num_segments`` K, ``segment_length`` T (None = whole
     episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
-    ``obs_mode``), ``num_tasks`` N (checked against the dataset; None = whatever it has), ``seed``.
+    ``obs_mode``), ``num_tasks`` N (None = ``env.num_drawers``, one task per drawer; checked against the dataset), ``seed``.
     ``batches_per_epoch`` sets the epoch length (None = endless); validation uses ``val_batches`` fixed
     batches drawn with ``val_seed``.
 
@@ -150,7 +150,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         segment_length: int | None = None,
         batch_size: int = 16,
         obs_keys: list[str] | None = None,
-        num_tasks: int | None = NUM_TASKS,
+        num_tasks: int | None = None,
         action_dim: int = ACTION_DIM,
         seed: int = 0,
         batches_per_epoch: int | None = 1000,
@@ -173,6 +173,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
                                                     episode_length=episode_length).to_dict(), **(env or {})})
         if num_tasks is not None and num_tasks != self.env.num_drawers:
             raise ValueError(f"num_tasks={num_tasks} but env.num_drawers={self.env.num_drawers}: one task per drawer")
+        self.num_tasks = self.env.num_drawers  # one task per drawer (num_tasks: None = the env's)
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
         beyond = [k for k in self.obs_keys if k not in stored_obs_keys(self.env)]
         if beyond:
@@ -215,7 +216,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         """Open and check the dataset, build the sampler (once) and, when fitting, attach the progress tracker."""
         if self.sampler is None:
             dataset = open_dataset(self.root)
-            check_dataset(dataset, num_tasks=self.hparams.num_tasks, action_dim=self.hparams.action_dim,
+            check_dataset(dataset, num_tasks=self.num_tasks, action_dim=self.hparams.action_dim,
                           obs_keys=self.obs_keys, image_size=self.hparams.image_size,
                           episode_length=self.hparams.episode_length,
                           env_fields={k: getattr(self.env, k) for k in (self.hparams.env or {})})

@@ -191,8 +191,7 @@ def collect_dataset(
         raise ValueError(f"envs_per_worker must be >= 1, got {envs_per_worker}")
     SawyerTwoDrawersEnv(env).close()  # validates the env parameters before anything is written
     root = Path(root)
-    wanted = DatasetMetadata(env=env, rollouts_per_task=rollouts_per_task, seed=seed, noise_std=noise_std,
-                             num_tasks=env.num_drawers)
+    wanted = DatasetMetadata(env=env, rollouts_per_task=rollouts_per_task, seed=seed, noise_std=noise_std)
     create_or_extend(root, wanted)
     meta = read_metadata(root)
     flags = open_progress(root, meta, mode="r+")

@@ -31,7 +31,7 @@ from tensordict import TensorDict
 from envs.atomic import write_json_atomic
 from envs.integrity import NO_CHECKSUM, DatasetError, check_buffer_files, verify_rollouts
 from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED, obs_keys_for
-from envs.two_drawers import ACTION_DIM, NUM_TASKS, EnvConfig, state_dim
+from envs.two_drawers import ACTION_DIM, EnvConfig, state_dim
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -60,8 +60,14 @@ class DatasetMetadata:
     rollouts_per_task: int
     seed: int
     noise_std: float
-    num_tasks: int = NUM_TASKS
+    num_tasks: int | None = None  # one task per drawer: None = env.num_drawers
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.num_tasks is None:
+            object.__setattr__(self, "num_tasks", self.env.num_drawers)
+        if self.num_tasks != self.env.num_drawers:
+            raise ValueError(f"num_tasks={self.num_tasks} but env.num_drawers={self.env.num_drawers} (one task per drawer)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,7 +85,7 @@ class DatasetMetadata:
         if version != FORMAT_VERSION:
             raise DatasetError(f"unsupported dataset format_version {version!r} (this code reads {FORMAT_VERSION})")
         try:
-            meta = cls(
+            return cls(
                 env=EnvConfig.from_dict(data["env"]),
                 rollouts_per_task=int(data["rollouts_per_task"]),
                 seed=int(data["seed"]),
@@ -88,10 +94,6 @@ class DatasetMetadata:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"corrupt dataset metadata: {err}") from err
-        if meta.num_tasks != meta.env.num_drawers:
-            raise DatasetError(f"corrupt dataset metadata: num_tasks={meta.num_tasks} but env.num_drawers="
-                               f"{meta.env.num_drawers} (one task per drawer)")
-        return meta
 
     def same_source(self, other: "DatasetMetadata") -> bool:
         """True when rollouts of ``other`` could extend this dataset (everything but the count agrees)."""

@@ -43,6 +43,17 @@ STATE_DIM = state_dim(NUM_TASKS)  # tcp xyz, finger gap, left opening, right ope
 _HAND_QUAT = np.array([1.0, 0.0, 1.0, 0.0])
 
 
+_MOCAP_LOW, _MOCAP_HIGH = (-0.35, 0.40, 0.05), (0.35, 0.90, 0.40)  # the paper scene's hand box
+
+
+def _hand_box(drawer_x: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The hand's box (mocap range) for a row of drawers: the paper scene's, widened in x to reach the outer ones."""
+    reach = round(max(abs(x) for x in drawer_x) + HANDLE_REACH, 4)
+    if reach <= _MOCAP_HIGH[0]:
+        return _MOCAP_LOW, _MOCAP_HIGH
+    return (-reach, *_MOCAP_LOW[1:]), (reach, *_MOCAP_HIGH[1:])
+
+
 @dataclass(frozen=True)
 class EnvConfig:
     """Every parameter that changes what the env produces (stored with datasets to refuse mismatches)."""
@@ -62,8 +73,8 @@ class EnvConfig:
     # (wider start distributions and varied dynamics in the data, or deployment shifts; 0 = off, nothing drawn)
     hand_offset: tuple[float, float] = (0.0, 0.0)
     action_scale_jitter: float = 0.0
-    mocap_low: tuple[float, float, float] = (-0.35, 0.40, 0.05)
-    mocap_high: tuple[float, float, float] = (0.35, 0.90, 0.40)
+    mocap_low: tuple[float, float, float] = _MOCAP_LOW
+    mocap_high: tuple[float, float, float] = _MOCAP_HIGH
     fast_render: bool = True
     scene: SceneConfig = field(default_factory=SceneConfig)
 
@@ -81,23 +92,31 @@ class EnvConfig:
         self._lay_out_drawers()
 
     def _lay_out_drawers(self) -> None:
-        """Left at their defaults, the scene and the hand's box follow ``num_drawers`` (a row the hand reaches);
-        set explicitly, they must agree with it."""
-        fields = self.__dataclass_fields__
-        if len(self.scene.drawer_x) != self.num_drawers:
-            if self.scene != SceneConfig():
-                raise ValueError(f"env.scene.drawer_x has {len(self.scene.drawer_x)} positions but env.num_drawers "
-                                 f"is {self.num_drawers}")
+        """A scene and a hand box that are some drawer count's automatic layout (the defaults are the two-drawer
+        one) follow ``num_drawers``: a row the hand reaches. Set otherwise, they must agree with it."""
+        automatic = [(SceneConfig.for_drawers(k), *_hand_box(SceneConfig.for_drawers(k).drawer_x))
+                     for k in range(2, MAX_DRAWERS + 1)]
+        if any(self.scene == scene for scene, _, _ in automatic):
             object.__setattr__(self, "scene", SceneConfig.for_drawers(self.num_drawers))
+        elif len(self.scene.drawer_x) != self.num_drawers:
+            raise ValueError(f"env.scene.drawer_x has {len(self.scene.drawer_x)} positions but env.num_drawers "
+                             f"is {self.num_drawers}")
+        if any((self.mocap_low, self.mocap_high) == (low, high) for _, low, high in automatic):
+            low, high = _hand_box(self.scene.drawer_x)
+            object.__setattr__(self, "mocap_low", low)
+            object.__setattr__(self, "mocap_high", high)
         reach = max(abs(x) for x in self.scene.drawer_x) + HANDLE_REACH
-        at_default = (self.mocap_low == fields["mocap_low"].default and self.mocap_high == fields["mocap_high"].default)
-        if at_default and reach > self.mocap_high[0]:
-            object.__setattr__(self, "mocap_low", (-round(reach, 4), *self.mocap_low[1:]))
-            object.__setattr__(self, "mocap_high", (round(reach, 4), *self.mocap_high[1:]))
+        if self.mocap_low[0] > -reach or self.mocap_high[0] < reach:
+            raise ValueError(f"env.mocap_low/mocap_high: the hand's x range [{self.mocap_low[0]}, {self.mocap_high[0]}] "
+                             f"does not reach the outer drawers (needs +-{reach:.3f})")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
-        return asdict(self)
+        """A JSON-ready dict. ``num_drawers`` is left out at 2 (the paper's scene): the metadata of two-drawer
+        datasets and checkpoints stays what it was before the field existed (older code reads it)."""
+        data = asdict(self)
+        if data["num_drawers"] == NUM_TASKS:
+            del data["num_drawers"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EnvConfig":

@@ -54,9 +54,10 @@ def delivered_obs_keys(obs_mode: str, obs_keys: list[str] | None) -> list[str]:
     return list(obs_keys) if obs_keys is not None else list(obs_keys_for(obs_mode))
 
 
-def task_count(num_tasks: int | None) -> int:
-    """The data module's ``num_tasks`` (None: the paper's two drawers, checked against the data in ``setup``)."""
-    return NUM_TASKS if num_tasks is None else num_tasks
+def task_count(num_tasks: int | None, env: dict[str, Any] | None) -> int:
+    """The data module's ``num_tasks`` (None: its ``env.num_drawers``, else the paper's two drawers; checked
+    against the data in ``setup``)."""
+    return num_tasks if num_tasks is not None else int((env or {}).get("num_drawers", NUM_TASKS))
 
 
 class ReflectiveCLI(LightningCLI):
@@ -66,7 +67,8 @@ class ReflectiveCLI(LightningCLI):
         parser.link_arguments(("data.init_args.obs_mode", "data.init_args.obs_keys"), "model.init_args.obs_keys",
                               compute_fn=delivered_obs_keys)
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
-        parser.link_arguments("data.init_args.num_tasks", "model.init_args.num_tasks", compute_fn=task_count)
+        parser.link_arguments(("data.init_args.num_tasks", "data.init_args.env"), "model.init_args.num_tasks",
+                              compute_fn=task_count)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config

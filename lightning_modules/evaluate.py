@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from envs.errors import run_command  # noqa: E402
 
 from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
-from lightning_modules.evaluation.protocol import SUCCESS_METRICS, eval_env_config  # noqa: E402
+from lightning_modules.evaluation.protocol import SUCCESS_METRICS, default_episodes, eval_env_config  # noqa: E402
 from lightning_modules.evaluation.results import write_results  # noqa: E402
 from lightning_modules.evaluation.runner import run_trials  # noqa: E402
 from lightning_modules.evaluation.shifts import NOMINAL, SHIFTS, get_shift  # noqa: E402
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lightning_modules.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="phase-2 (LatentCQLModule) checkpoint")
     p.add_argument("--trials", type=int, default=50, help="number of trials M (target drawn uniformly per trial)")
-    p.add_argument("--episodes", type=int, default=3, help="episodes E per trial (belief carried over)")
+    p.add_argument("--episodes", type=int, default=None, help="episodes E per trial (belief carried over; default: "
+                   "one more than the drawers, i.e. 3 for two)")
     p.add_argument("--out", required=True, help="JSON file to write (atomically)")
     p.add_argument("--num-envs", type=int, default=None, help="envs stepped in lockstep (default min(trials, 32))")
     p.add_argument("--seed", type=int, default=0)
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every argument checked before the checkpoint is loaded or a trial runs (named ``ValueError``)."""
-    if args.trials < 1 or args.episodes < 1:
+    if args.trials < 1 or (args.episodes is not None and args.episodes < 1):
         raise ValueError(f"--trials and --episodes must be >= 1, got {args.trials} and {args.episodes}")
     if args.num_envs is not None and args.num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1, got {args.num_envs}")
@@ -88,7 +89,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         env_source = read_metadata(args.dataset).env
     shift = get_shift(args.shift, model.filter.obs_keys)
     cfg = eval_env_config(model.filter, env_source)
-    result = run_trials(model, cfg, trials=args.trials, episodes=args.episodes, num_envs=args.num_envs,
+    episodes = args.episodes or default_episodes(model.filter.num_tasks)
+    result = run_trials(model, cfg, trials=args.trials, episodes=episodes, num_envs=args.num_envs,
                         seed=args.seed, success_metric=args.success_metric, video=args.video is not None, shift=shift)
     data = {"env_config": shift.env_config(cfg).to_dict(), "checkpoint": str(Path(args.checkpoint).resolve()),
             "shift": {"name": shift.name, "description": shift.description, "action_noise": shift.action_noise,

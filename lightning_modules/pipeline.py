@@ -85,8 +85,8 @@ class Stage:
                 path = Path(self.argv[i + 1])
                 text = path.read_text() if path.is_file() else ""
                 configs[_repo_relative(path)] = hashlib.sha256(text.encode()).hexdigest()
-                folder = path.parent / "data"  # the data-module blocks a config names (configs/data/*.yaml)
-                for block in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+                block = _data_block(path, text)  # the data-module block it names (configs/data/*.yaml), if any
+                if block is not None:
                     configs[_repo_relative(block)] = hashlib.sha256(block.read_bytes()).hexdigest()
         return {"argv": [_repo_relative(Path(a)) if a.endswith(".yaml") else a for a in self.argv[1:]],
                 "configs": configs}
@@ -114,6 +114,18 @@ class Stage:
     def done(self) -> bool:
         self.check_same()
         return self.recorded(DONE) is not None
+
+
+def _data_block(config: Path, text: str) -> Path | None:
+    """The file a config's ``data:`` names (a path relative to the config's folder), when it names one."""
+    import yaml
+
+    try:
+        named = (yaml.safe_load(text) or {}).get("data") if text else None
+    except yaml.YAMLError:
+        return None
+    block = config.parent / named if isinstance(named, str) else None
+    return block if block is not None and block.is_file() else None
 
 
 def _repo_relative(path: Path) -> str:

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from envs.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from envs.errors import run_command  # noqa: E402
 from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
+from lightning_modules.evaluation.protocol import default_episodes  # noqa: E402
 from lightning_modules.evaluation.results import MethodCurve  # noqa: E402
 from lightning_modules.evaluation.runner import run_trials  # noqa: E402
 from lightning_modules.evaluation.shifts import SHIFTS, get_shift  # noqa: E402
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", nargs="+", required=True, help="phase-2 checkpoints (e.g. one per seed)")
     p.add_argument("--shifts", nargs="+", default=None, help=f"default: every one that applies ({sorted(SHIFTS)})")
     p.add_argument("--trials", type=int, default=50)
-    p.add_argument("--episodes", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=None, help="default: one more than the drawers (3 for two)")
     p.add_argument("--seed", type=int, default=2000, help="trial seed (fresh: not the training-time evaluations')")
     p.add_argument("--out", type=Path, required=True, help="folder for robustness.json and robustness.md")
     args = p.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.trials < 1 or args.episodes < 1:
+    if args.trials < 1 or (args.episodes is not None and args.episodes < 1):
         raise ValueError(f"--trials and --episodes must be >= 1, got {args.trials} and {args.episodes}")
     for name in args.shifts or []:
         get_shift(name)
@@ -90,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
                 continue  # e.g. an image shift for a state checkpoint
             start = time.perf_counter()
             result = run_trials(model, trials=args.trials,
-                                episodes=args.episodes, seed=args.seed, shift=shift)
+                                episodes=args.episodes or default_episodes(model.filter.num_tasks), seed=args.seed,
+                                shift=shift)
             results.setdefault(name, {})[label] = result.summary
             rates = ", ".join(f"{r:.2f}" for r in result.summary["success_per_episode"])
             print(f"{name:>15} {label}: [{rates}] ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -99,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
              "per_checkpoint": [s["success_per_episode"] for s in per.values()]} for name, per in results.items()]
     write_json_atomic(args.out / "robustness.json", {"trials": args.trials, "seed": args.seed, "rows": rows,
                                                      "summaries": results})
-    text = table(rows, args.episodes)
+    text = table(rows, min(len(s) for r in rows for s in r["per_checkpoint"]) if rows else (args.episodes or 0))
     write_text_atomic(args.out / "robustness.md", text + "\n")
     print(f"\n{text}\n\nwrote {args.out / 'robustness.json'} and {args.out / 'robustness.md'}")
     return 0

@@ -47,6 +47,11 @@ def eval_env_config(filter_module: BeliefFilter, env_config: EnvConfig | dict[st
     return cfg
 
 
+def default_episodes(num_tasks: int) -> int:
+    """Episodes per trial when not given: enough for a systematic explorer to find the drawer (N), plus one."""
+    return int(num_tasks) + 1
+
+
 def episode_seed(seed: int, trial: int, episode: int) -> int:
     """Env seed of one episode (independent of how trials are batched over envs)."""
     return derive_seed(seed, trial, episode, bits=32)

@@ -67,6 +67,20 @@ def test_drawer_count_out_of_range_raises(n):
         EnvConfig(num_drawers=n)
 
 
+def test_changing_the_count_of_a_laid_out_config_lays_it_out_again():
+    import dataclasses
+
+    four = dataclasses.replace(EnvConfig(num_drawers=3), num_drawers=4)
+    assert four == EnvConfig(num_drawers=4)
+    two = EnvConfig.from_dict({**four.to_dict(), "num_drawers": 2})
+    assert two == EnvConfig() and "num_drawers" not in two.to_dict()  # two-drawer metadata as before the field
+
+
+def test_hand_box_that_misses_the_outer_drawers_raises():
+    with pytest.raises(ValueError, match="does not reach the outer drawers"):
+        EnvConfig(num_drawers=4, mocap_low=(-0.3, 0.4, 0.05))
+
+
 def test_scene_that_disagrees_with_the_count_raises():
     with pytest.raises(ValueError, match="drawer_x has 2 positions but env.num_drawers is 3"):
         EnvConfig(num_drawers=3, scene=SceneConfig(camera_fovy=50.0))
