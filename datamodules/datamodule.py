@@ -174,6 +174,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         if num_tasks is not None and num_tasks != self.env.num_drawers:
             raise ValueError(f"num_tasks={num_tasks} but env.num_drawers={self.env.num_drawers}: one task per drawer")
         self.num_tasks = self.env.num_drawers  # one task per drawer (num_tasks: None = the env's)
+        # resolved in the hparams too: the filter module's num_tasks (linked by the CLI) must be equal
+        self.hparams["num_tasks"] = self._hparams_initial["num_tasks"] = self.num_tasks
         self.obs_keys = tuple(obs_keys) if obs_keys is not None else stored_obs_keys(self.env)
         beyond = [k for k in self.obs_keys if k not in stored_obs_keys(self.env)]
         if beyond:
