@@ -54,6 +54,23 @@ def _make(root, obs_mode: str, rollouts: int, length: int, seed: int = 0, env_fi
     return collect_dataset(root, env, rollouts_per_task=rollouts, seed=seed, workers=0, progress=False)
 
 
+@pytest.fixture
+def make_env():
+    """Factory of envs (32 px unless told otherwise; EnvConfig fields as keywords) all closed after the test."""
+    from envs.two_drawers import SawyerTwoDrawersEnv
+
+    made = []
+
+    def _make(obs_mode: str = "state", **kwargs):
+        env = SawyerTwoDrawersEnv(**{"obs_mode": obs_mode, "image_size": 32, **kwargs})
+        made.append(env)
+        return env
+
+    yield _make
+    for env in made:
+        env.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_pixel_dataset(tmp_path_factory):
     """2 tasks x 3 rollouts x 10 steps, 32 px pixels + state (the issue's tiny dataset)."""

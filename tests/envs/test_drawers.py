@@ -15,26 +15,12 @@ from envs import DRAWERS_ENV_ID
 from envs.dataset import DatasetMetadata
 from envs.scene import DRAWER_WIDTH, SceneConfig, drawer_prefixes
 from envs.scripted import DrawerOpener
-from envs.two_drawers import EnvConfig, SawyerTwoDrawersEnv, state_dim
+from envs.two_drawers import EnvConfig, state_dim
 
 SIZE = 32
 INFINITE_BOUNDS = r".*Box observation space (minimum|maximum) value is.*infinity"
 # the 3-drawer preset's start (configs/collect/drawers3_state.yaml): centred, 50 steps
 PRESET = dict(num_drawers=3, hand_init=(0.0, 0.6, 0.2), episode_length=50)
-
-
-@pytest.fixture
-def make_env():
-    made: list[SawyerTwoDrawersEnv] = []
-
-    def _make(obs_mode: str = "state", **kwargs) -> SawyerTwoDrawersEnv:
-        env = SawyerTwoDrawersEnv(obs_mode=obs_mode, image_size=SIZE, **kwargs)
-        made.append(env)
-        return env
-
-    yield _make
-    for env in made:
-        env.close()
 
 
 # --------------------------------------------------------------------------- configuration

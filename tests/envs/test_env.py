@@ -22,21 +22,6 @@ SIZE = 32
 INFINITE_BOUNDS = r".*Box observation space (minimum|maximum) value is.*infinity"
 
 
-@pytest.fixture
-def make_env():
-    """Factory of envs (32 px unless told otherwise) that are all closed after the test."""
-    made: list[SawyerTwoDrawersEnv] = []
-
-    def _make(obs_mode: str = "state", **kwargs) -> SawyerTwoDrawersEnv:
-        env = SawyerTwoDrawersEnv(obs_mode=obs_mode, image_size=SIZE, **kwargs)
-        made.append(env)
-        return env
-
-    yield _make
-    for env in made:
-        env.close()
-
-
 def run_opener(env: SawyerTwoDrawersEnv, drawer: int, *, task: int, seed: int) -> tuple[list[float], list[dict]]:
     """One full episode of task ``task`` driven by the scripted opener of drawer ``drawer``."""
     policy = DrawerOpener(drawer, seed=seed)
