@@ -43,14 +43,14 @@ from envs.errors import run_command
 
 REPO = Path(__file__).resolve().parents[1]  # configs are found here, whatever the working directory
 
-PRESETS = {  # preset -> its data config, the configs of each phase (later ones overlay earlier ones), episodes/trial
+PRESETS = {  # preset -> its data config and the configs of each phase (later ones overlay earlier ones)
     "quickstart": dict(data="configs/collect/quickstart_state.yaml", filter=["configs/filter_quickstart.yaml"],
-                       cql=["configs/cql_quickstart.yaml"], episodes=3),
+                       cql=["configs/cql_quickstart.yaml"]),
     "paper": dict(data="configs/collect/two_drawers.yaml", filter=["configs/filter_paper.yaml"],
-                  cql=["configs/cql_paper.yaml"], episodes=3),
+                  cql=["configs/cql_paper.yaml"]),
     "drawers3": dict(data="configs/collect/drawers3_state.yaml",
                      filter=["configs/filter_quickstart.yaml", "configs/drawers3/filter.yaml"],
-                     cql=["configs/cql_quickstart.yaml", "configs/drawers3/cql.yaml"], episodes=4),
+                     cql=["configs/cql_quickstart.yaml", "configs/drawers3/cql.yaml"]),
 }
 METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlays of phase 2)
     "ours": ("synthetic", [], []),
@@ -161,6 +161,16 @@ def _fit_stage(name: str, configs: list[str], run_dir: Path, seed: int, extra: l
         "--trainer.logger.init_args.name", run_dir.parent.name,
         "--trainer.logger.init_args.version", run_dir.name, *extra]
     return Stage(name, argv, run_dir)
+
+
+def preset_episodes(preset: str) -> int:
+    """Episodes per final-evaluation trial: the evaluation's default for the preset's drawers (N + 1)."""
+    import yaml
+
+    from lightning_modules.evaluation.protocol import default_episodes
+
+    env = (yaml.safe_load(Path(config_path(PRESETS[preset]["data"])).read_text()) or {}).get("env") or {}
+    return default_episodes(int(env.get("num_drawers", 2)))
 
 
 def online_selection_args(configs: str | list[str]) -> list[str]:
@@ -315,7 +325,7 @@ def _check_writable(folder: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     """Validate every argument (before any work), then run the stages that are not done."""
     if args.episodes is None:
-        args.episodes = PRESETS[args.preset]["episodes"]
+        args.episodes = preset_episodes(args.preset)
     if args.trials < 1 or args.episodes < 1:
         raise ValueError(f"--trials and --episodes must be >= 1, got {args.trials} and {args.episodes}")
     if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
