@@ -3,6 +3,8 @@
     python benchmarks/bench_filter.py                                   # CPU: state and 64 px, eager
     python benchmarks/bench_filter.py --compile                         # also torch.compile'd rows
     python benchmarks/bench_filter.py --device cuda --bf16 --batch-size 64 --obs pixels --compile
+    python benchmarks/bench_filter.py --obs pixels --image-size 32 --cnn-depth 16 --deter-dim 64 --stoch-dim 16 \
+        --hidden-dim 64 --batch-size 16 --length 120 --recon-fraction 1 0.25 --channels-last   # the pixels preset
 
 Batches are random tensors with the DataModule's layout (uint8 pixels, state, action, ("next", "reward")),
 already on the device: this measures the model, not data loading. Model sizes default to the paper-scale
@@ -42,11 +44,15 @@ def make_batch(obs: str, B: int, L: int, image_size: int, device: torch.device) 
     return TensorDict(fields, batch_size=[B, L]).to(device)
 
 
-def bench(obs: str, args: argparse.Namespace, compiled: bool) -> dict:
+def bench(obs: str, args: argparse.Namespace, compiled: bool, recon_fraction: float = 1.0,
+          channels_last: bool = False) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = VariationalFilterModule(obs_keys=[obs], image_size=args.image_size, deter_dim=args.deter_dim,
-                                    stoch_dim=args.stoch_dim, hidden_dim=args.hidden_dim, compile=compiled).to(device)
+                                    stoch_dim=args.stoch_dim, hidden_dim=args.hidden_dim, mlp_hidden=args.hidden_dim,
+                                    cnn_depth=args.cnn_depth, compile=compiled).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     batch = make_batch(obs, args.batch_size, args.length, args.image_size, device)
     model.filter.fit_state_stats(batch)
     opt = model.configure_optimizers()
@@ -54,7 +60,7 @@ def bench(obs: str, args: argparse.Namespace, compiled: bool) -> dict:
 
     def step() -> None:
         with autocast:
-            loss, _ = model.compute_losses(batch)
+            loss, _ = model.compute_losses(batch, recon_fraction=recon_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
@@ -94,6 +100,10 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (like --trainer.precision bf16-mixed)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd recurrent cell")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cnn-depth", type=int, default=32, help="channels of the first conv layer")
+    parser.add_argument("--recon-fraction", type=float, nargs="+", default=[1.0],
+                        help="fractions of the frames whose images are reconstructed (one row each, pixels)")
+    parser.add_argument("--channels-last", action="store_true", help="also time channels_last conv weights (pixels)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,14 +114,19 @@ def main() -> None:
     print(f"model: RSSM {args.deter_dim}/{args.stoch_dim}, hidden {args.hidden_dim}; batch B={args.batch_size}, "
           f"L={args.length}")
     print()
-    print("| obs | mode | B x L | ms / step | frames/s | warm-up s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| obs | mode | reconstructed frames | B x L | ms / step | frames/s | warm-up s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for obs in args.obs:
+        fractions = args.recon_fraction if obs == "pixels" else [1.0]
+        layouts = [False, True] if (args.channels_last and obs == "pixels") else [False]
         for compiled in ([False, True] if args.compile else [False]):
-            r = bench(obs, args, compiled)
-            label = f"{args.image_size} px" if obs == "pixels" else "state"
-            print(f"| {label} | {r['mode']} | {args.batch_size} x {args.length} | {r['ms']:.1f} | {r['fps']:,.0f} | "
-                  f"{r['warmup_s']:.1f} |", flush=True)
+            for fraction in fractions:
+                for channels_last in layouts:
+                    r = bench(obs, args, compiled, fraction, channels_last)
+                    label = f"{args.image_size} px, depth {args.cnn_depth}" if obs == "pixels" else "state"
+                    mode = r["mode"] + (", channels_last" if channels_last else "")
+                    print(f"| {label} | {mode} | {fraction:.0%} | {args.batch_size} x {args.length} | {r['ms']:.1f} | "
+                          f"{r['fps']:,.0f} | {r['warmup_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

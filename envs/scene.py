@@ -34,6 +34,10 @@ class SceneConfig:
     camera_pos: tuple[float, float, float] = (0.0, 0.95, 1.1)
     camera_target: tuple[float, float, float] = (0.0, 0.68, 0.0)
     camera_fovy: float = 45.0
+    # appearance (deployment shifts of the images; 1 = Metaworld's): every light's intensity times light_scale,
+    # every geom's and material's RGB times tint
+    light_scale: float = 1.0
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
     def for_drawers(cls, num_drawers: int) -> "SceneConfig":
@@ -87,6 +91,16 @@ def build_model(config: SceneConfig = SceneConfig(), fast_render: bool = True) -
     for i in range(model.neq):
         if model.eq_type[i] == mujoco.mjtEq.mjEQ_WELD:
             model.eq_data[i] = np.array([0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 5.0])
+    if config.light_scale != 1.0:
+        for field in ("light_ambient", "light_diffuse", "light_specular"):
+            getattr(model, field)[:] *= config.light_scale
+        for field in ("ambient", "diffuse", "specular"):
+            setattr(model.vis.headlight, field, np.asarray(getattr(model.vis.headlight, field)) * config.light_scale)
+    if tuple(config.tint) != (1.0, 1.0, 1.0):
+        tint = np.asarray(config.tint, dtype=np.float32)
+        plain = model.geom_matid < 0  # a geom with a material shows the material's colour (its own rgba, changed, would win)
+        model.geom_rgba[plain, :3] = np.clip(model.geom_rgba[plain, :3] * tint, 0.0, 1.0)
+        model.mat_rgba[:, :3] = np.clip(model.mat_rgba[:, :3] * tint, 0.0, 1.0)
     if fast_render:
         model.vis.quality.offsamples = 0
         model.vis.quality.shadowsize = 0

@@ -43,6 +43,7 @@ STATE_DIM = state_dim(NUM_TASKS)  # tcp xyz, finger gap, left opening, right ope
 _HAND_QUAT = np.array([1.0, 0.0, 1.0, 0.0])
 
 
+APPEARANCE = ("light_scale", "tint")  # SceneConfig fields left out of to_dict at their defaults
 _MOCAP_LOW, _MOCAP_HIGH = (-0.35, 0.40, 0.05), (0.35, 0.90, 0.40)  # the paper scene's hand box
 
 
@@ -116,6 +117,9 @@ class EnvConfig:
         data = asdict(self)
         if data["num_drawers"] == NUM_TASKS:
             del data["num_drawers"]
+        for name in APPEARANCE:  # likewise the scene's appearance at Metaworld's (only deployment shifts change it)
+            if data["scene"][name] == asdict(SceneConfig())[name]:
+                del data["scene"][name]
         return data
 
     @classmethod

@@ -2,6 +2,7 @@
 
     python -m lightning_modules.pipeline                                   # CPU quickstart, the method ("ours")
     python -m lightning_modules.pipeline --methods no_expl no_cql          # the two ablations beside it
+    python -m lightning_modules.pipeline --preset pixels --methods ours no_expl no_cql   # from 32 px images (CPU)
     python -m lightning_modules.pipeline --preset paper --seeds 0 1 2      # paper scale (GPU)
     python -m lightning_modules.pipeline --preset drawers3 --methods ours no_expl no_cql   # 3 drawers, 4-episode trials
 
@@ -48,6 +49,9 @@ PRESETS = {  # preset -> its data config and the configs of each phase (later on
                        cql=["configs/cql_quickstart.yaml"]),
     "paper": dict(data="configs/collect/two_drawers.yaml", filter=["configs/filter_paper.yaml"],
                   cql=["configs/cql_paper.yaml"]),
+    "pixels": dict(data="configs/collect/pixels.yaml",
+                   filter=["configs/filter_quickstart.yaml", "configs/pixels/filter.yaml"],
+                   cql=["configs/cql_quickstart.yaml", "configs/pixels/cql.yaml"]),
     "drawers3": dict(data="configs/collect/drawers3_state.yaml",
                      filter=["configs/filter_quickstart.yaml", "configs/drawers3/filter.yaml"],
                      cql=["configs/cql_quickstart.yaml", "configs/drawers3/cql.yaml"]),

@@ -9,12 +9,14 @@ Shifts are relative to the data's conditions: the hand start of the data is the 
 axis, moved by up to ``hand_offset[1]`` horizontally; ``hand_start`` starts it 4 cm beyond that in every trial (8 cm: ``hand_start_far``).
 The scripted policies' actions carry Gaussian noise of std ``noise_std`` in the data; the arm's speed varies by
 ``action_scale_jitter`` between the data's rollouts. The scripted openers succeed under every shift here (see
-docs/RESULTS.md, "Robustness"), so a failure under a shift is the learnt policy's.
+docs/RESULTS.md, "Robustness"), so a failure under a shift is the learnt policy's. ``lighting``, ``colours`` and
+``camera`` change the rendered images only (checkpoints whose filter reads pixels).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from envs.keys import PIXELS
@@ -52,7 +54,23 @@ SHIFTS: dict[str, Shift] = {s.name: s for s in (
           env={"action_scale": lambda base: base.action_scale * 0.75, "action_scale_jitter": 0.0}),
     Shift("fast_arm", "the arm moves 25% more per action (stronger controller: action_scale x 1.25)",
           env={"action_scale": lambda base: base.action_scale * 1.25, "action_scale_jitter": 0.0}),
+    Shift("lighting", "every light at 60% of its intensity (a dimmer room)", pixels_only=True,
+          env={"scene": lambda base: dataclasses.replace(base.scene, light_scale=0.6)}),
+    Shift("colours", "every surface's colour tinted warmer (RGB x 1.0, 0.92, 0.85)", pixels_only=True,
+          env={"scene": lambda base: dataclasses.replace(base.scene, tint=(1.0, 0.92, 0.85))}),
+    Shift("camera", "the camera turned 3 degrees about the vertical axis through its target", pixels_only=True,
+          env={"scene": lambda base: _camera_yaw(base, 3.0)}),
 )}
+
+
+def _camera_yaw(base: EnvConfig, degrees: float):
+    """The scene with the camera moved on a circle about the vertical axis through its target (still aimed at it)."""
+    scene = base.scene
+    angle = math.radians(degrees)
+    dx, dy = scene.camera_pos[0] - scene.camera_target[0], scene.camera_pos[1] - scene.camera_target[1]
+    pos = (scene.camera_target[0] + dx * math.cos(angle) - dy * math.sin(angle),
+           scene.camera_target[1] + dx * math.sin(angle) + dy * math.cos(angle), scene.camera_pos[2])
+    return dataclasses.replace(scene, camera_pos=tuple(round(v, 6) for v in pos))
 
 
 def _further(base: EnvConfig, distance: float) -> tuple[float, float]:

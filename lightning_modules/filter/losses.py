@@ -58,21 +58,23 @@ def elbo_loss(target_obs: dict[str, torch.Tensor], decoded: dict[str, torch.Tens
     """The paper's loss (negative weighted ELBO per step, KL with free nats) and its per-step terms.
 
     Args:
-        target_obs: normalised observations [B, L, ...] per key (the reconstruction targets).
-        decoded: decoder means per observation key and :data:`REWARD_OUT`, from the fed-forward states.
+        target_obs: normalised observations [B, L, ...] per key (the reconstruction targets), or [N, ...] for the
+            N steps a key was decoded at (a random subset of the frames, :meth:`RewardRSSM.decode`).
+        decoded: decoder means per observation key (same shape as its target) and :data:`REWARD_OUT` [B, L, 1].
         reward_in: r_t [B, L, 1] (the reward input, also the reward target).
         out: the filter pass (``post_mean``/``post_std``/``prior_mean``/``prior_std`` [B, L, S]).
 
     Returns ``(loss, terms)``; ``terms``: ``obs_nll``, ``reward_nll``, ``kl`` (per-step means) and ``elbo`` (the
     paper's ELBO per step).
     """
-    obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], 1.0, 3 if k == PIXELS else 1) for k in target_obs)
+    # per key: the mean over the steps it was decoded at (all, or a random subset: an unbiased estimate of the mean)
+    obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], 1.0, 3 if k == PIXELS else 1).mean() for k in target_obs)
     rew_ll = gaussian_log_prob(reward_in, decoded[REWARD_OUT], weights.reward_std, 1)
     kl = gaussian_kl(out["post_mean"], out["post_std"], out["prior_mean"], out["prior_std"])
     kl_term = torch.clamp(kl.mean(), min=weights.free_nats) if weights.free_nats > 0 else kl.mean()
-    loss = -(obs_ll.mean() + weights.beta * rew_ll.mean()) + weights.kl_weight * kl_term
-    terms = {"obs_nll": -obs_ll.mean(), "reward_nll": -rew_ll.mean(), "kl": kl.mean(),
-             "elbo": (obs_ll + weights.beta * rew_ll - kl).mean()}
+    loss = -(obs_ll + weights.beta * rew_ll.mean()) + weights.kl_weight * kl_term
+    terms = {"obs_nll": -obs_ll, "reward_nll": -rew_ll.mean(), "kl": kl.mean(),
+             "elbo": obs_ll + weights.beta * rew_ll.mean() - kl.mean()}
     return loss, terms
 
 

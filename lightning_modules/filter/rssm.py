@@ -193,12 +193,19 @@ class RewardRSSM(nn.Module):
         parts.append(self.reward_encoder(reward))
         return torch.cat([p.to(parts[-1].dtype) for p in parts], -1)
 
-    def decode(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Means of the observation and reward models for features [..., feature_dim]."""
+    def decode(self, features: torch.Tensor, pixel_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Means of the observation and reward models for features [..., feature_dim].
+
+        ``pixel_index`` (indices into the flattened batch dims): decode images for those steps only, returned as
+        [len(pixel_index), 3, S, S] (the image decoder is the filter's most expensive part on a CPU).
+        """
         batch = features.shape[:-1]
         flat = features.reshape(-1, features.shape[-1])
         out = {}
         for key in self.obs_keys:
+            if key == PIXELS and pixel_index is not None:
+                out[key] = self.decoders[key](flat[pixel_index])
+                continue
             y = self.decoders[key](flat)
             out[key] = y.reshape(*batch, *y.shape[1:])
         out[REWARD_OUT] = self.reward_decoder(flat).reshape(*batch, 1)

@@ -53,6 +53,28 @@ def test_shift_registry_and_env_changes():
         get_shift("obs_noise", ["pixels"])
 
 
+def test_image_shifts_change_the_frames_not_the_physics():
+    """lighting / colours / camera: other pixels, the same state; the appearance stays out of the metadata at
+    Metaworld's values (datasets made before these fields existed are described exactly as before)."""
+    base = EnvConfig(obs_mode="pixels_state", image_size=32, episode_length=5)
+    assert "light_scale" not in base.to_dict()["scene"] and "tint" not in base.to_dict()["scene"]
+    nominal = SawyerTwoDrawersEnv(base)
+    obs0, _ = nominal.reset(seed=4, options={"task": 1})
+    for name in ("lighting", "colours", "camera"):
+        cfg = SHIFTS[name].env_config(base)
+        assert EnvConfig.from_dict(cfg.to_dict()) == cfg and cfg != base
+        env = SawyerTwoDrawersEnv(cfg)
+        obs, _ = env.reset(seed=4, options={"task": 1})
+        np.testing.assert_array_equal(obs["state"], obs0["state"])
+        diff = np.abs(obs["pixels"].astype(float) - obs0["pixels"].astype(float)).mean()
+        assert 2.0 < diff < 60.0, (name, diff)  # visibly changed, not destroyed
+        env.close()
+    nominal.close()
+    assert SHIFTS["lighting"].env_config(base).scene.light_scale == 0.6
+    with pytest.raises(ValueError, match="changes the images"):
+        get_shift("camera", ["state"])
+
+
 def _opener_policy(runner):
     def policy(belief: torch.Tensor) -> torch.Tensor:
         envs = runner.envs[: belief.shape[0]]

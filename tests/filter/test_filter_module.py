@@ -120,6 +120,31 @@ def test_elbo_improves(state_batch):
     assert after > before + 1.0, (before, after)
 
 
+def test_subset_reconstruction_is_the_mean_over_the_drawn_frames(pixel_batch):
+    """recon_fraction < 1 scores the images of the drawn frames only: their mean image NLL (the full term's
+    unbiased estimate); every other term is the full one, and the per-frame NLLs agree with full decoding."""
+    from lightning_modules.filter.losses import gaussian_log_prob
+
+    torch.manual_seed(0)
+    model = VariationalFilterModule(obs_keys=["pixels"], image_size=32, **SMALL).eval()
+    B, L = pixel_batch.batch_size
+    with torch.no_grad():
+        full_loss, full = model.compute_losses(pixel_batch, sample=False)
+        torch.manual_seed(1)
+        part_loss, part = model.compute_losses(pixel_batch, sample=False, recon_fraction=0.25)
+    index = part["pixel_index"]
+    assert index.shape == (round(0.25 * B * L),) and index.unique().numel() == index.numel()
+    target = model.rssm.normalize_obs({"pixels": pixel_batch["pixels"]})["pixels"].reshape(B * L, 3, 32, 32)
+    per_frame = -gaussian_log_prob(target, full["dec"]["pixels"].reshape(B * L, 3, 32, 32), 1.0, 3)
+    torch.testing.assert_close(part["terms"]["obs_nll"], per_frame[index].mean())
+    torch.testing.assert_close(full["terms"]["obs_nll"], per_frame.mean())
+    for name in ("reward_nll", "kl"):
+        torch.testing.assert_close(part["terms"][name], full["terms"][name])
+    torch.testing.assert_close(part_loss - full_loss, part["terms"]["obs_nll"] - full["terms"]["obs_nll"])
+    with pytest.raises(ValueError, match="recon_fraction"):
+        VariationalFilterModule(obs_keys=["pixels"], image_size=32, recon_fraction=0.0, **SMALL)
+
+
 # ---------------------------------------------------------------------- alignment and the belief APIs
 def test_reward_alignment_and_carry_across_segments(state_batch):
     """r_{t+1} = ("next","reward")[t] reaches the belief at t+1 (not before), and the state is not reset."""

@@ -200,8 +200,8 @@ def test_single_non_finite_term_is_named(tmp_path, tiny_state_dataset, monkeypat
     model = VariationalFilterModule(obs_keys=["state"], **SMALL)
     compute = model.compute_losses
 
-    def kl_blows_up(batch, sample=True):
-        loss, info = compute(batch, sample)
+    def kl_blows_up(batch, sample=True, **kwargs):
+        loss, info = compute(batch, sample, **kwargs)
         if model.global_step == 1:
             info["terms"]["kl"] = info["terms"]["kl"] * float("inf")
         return loss, info
