@@ -50,9 +50,7 @@ def bench(obs: str, args: argparse.Namespace, compiled: bool, recon_fraction: fl
     torch.manual_seed(0)
     model = VariationalFilterModule(obs_keys=[obs], image_size=args.image_size, deter_dim=args.deter_dim,
                                     stoch_dim=args.stoch_dim, hidden_dim=args.hidden_dim, mlp_hidden=args.hidden_dim,
-                                    cnn_depth=args.cnn_depth, compile=compiled).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+                                    cnn_depth=args.cnn_depth, channels_last=channels_last, compile=compiled).to(device)
     batch = make_batch(obs, args.batch_size, args.length, args.image_size, device)
     model.filter.fit_state_stats(batch)
     opt = model.configure_optimizers()
