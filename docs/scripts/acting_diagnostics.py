@@ -1,0 +1,58 @@
+"""Diagnostic (docs/RESULTS.md, "From pixels"): one phase-2 checkpoint acted on the same fresh trials in other ways.
+
+    python docs/scripts/acting_diagnostics.py CHECKPOINT [--trials 50] [--seed 1000] [--gains 1.5 2.0]
+
+Rows: the shipped acting (Polyak-averaged actor, deterministic tanh(loc)), sampled actions, the online actor, and
+the deterministic actions scaled by each gain (hand x, y, z; then clipped). Prints success per episode and the mean
+|action| of the hand. Not a way to report a model: it changes how the final model acts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from lightning_modules.cql.module import LatentCQLModule  # noqa: E402
+from lightning_modules.evaluation.runner import run_trials  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--gains", type=float, nargs="*", default=[1.5, 2.0])
+    args = p.parse_args()
+    model = LatentCQLModule.load_phase2(args.checkpoint)
+    polyak = model.acting_actor
+
+    def online(beliefs: torch.Tensor) -> torch.Tensor:
+        model.acting_actor = None
+        try:
+            return model.act(beliefs, True)
+        finally:
+            model.acting_actor = polyak
+
+    variants = {"shipped (Polyak actor, deterministic)": lambda b: model.act(b, True),
+                "sampled actions": lambda b: model.act(b, False),
+                "online actor, deterministic": online}
+    for gain in args.gains:
+        scale = torch.tensor([gain, gain, gain, 1.0])
+        variants[f"deterministic x {gain} (clipped)"] = lambda b, s=scale: (model.act(b, True) * s).clamp(-1.0, 1.0)
+    print("| acting | episode 1 | episode 2 | episode 3 | mean hand abs(action) |\n|---|---:|---:|---:|---:|")
+    for name, act in variants.items():
+        wrapped = types.SimpleNamespace(filter=model.filter, act=act, env_config=model.env_config)
+        result = run_trials(wrapped, trials=args.trials, episodes=3, seed=args.seed, record=True)
+        rates = " | ".join(f"{r:.2f}" for r in result.summary["success_per_episode"])
+        size = result.recorded["action"][..., :3].abs().mean().item()
+        print(f"| {name} | {rates} | {size:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
