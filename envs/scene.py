@@ -35,7 +35,7 @@ class SceneConfig:
     camera_target: tuple[float, float, float] = (0.0, 0.68, 0.0)
     camera_fovy: float = 45.0
     # appearance (deployment shifts of the images; 1 = Metaworld's): every light's intensity times light_scale,
-    # every geom's and material's RGB times tint
+    # every material's RGB (and that of geoms without one) times tint
     light_scale: float = 1.0
     tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
