@@ -43,6 +43,7 @@ STATE_DIM = state_dim(NUM_TASKS)  # tcp xyz, finger gap, left opening, right ope
 _HAND_QUAT = np.array([1.0, 0.0, 1.0, 0.0])
 
 
+HAND_OFFSET_LAWS = ("distance", "area")  # how EnvConfig.hand_offset's distance is drawn (the first is the default)
 APPEARANCE = ("light_scale", "tint")  # SceneConfig fields left out of to_dict at their defaults
 _MOCAP_LOW, _MOCAP_HIGH = (-0.35, 0.40, 0.05), (0.35, 0.90, 0.40)  # the paper scene's hand box
 
@@ -73,6 +74,9 @@ class EnvConfig:
     # random horizontal direction, and scales the arm's motion by a factor drawn in 1 +- action_scale_jitter
     # (wider start distributions and varied dynamics in the data, or deployment shifts; 0 = off, nothing drawn)
     hand_offset: tuple[float, float] = (0.0, 0.0)
+    # how that distance is drawn: "distance" = uniform in [min, max] (starts crowd near the centre), "area" = uniform
+    # over the ring's area (as many starts per cm^2 at the rim as at the centre: the far starts get their share)
+    hand_offset_law: str = "distance"
     action_scale_jitter: float = 0.0
     mocap_low: tuple[float, float, float] = _MOCAP_LOW
     mocap_high: tuple[float, float, float] = _MOCAP_HIGH
@@ -84,6 +88,8 @@ class EnvConfig:
         check_types(self.scene, "env.scene.")
         if not 0.0 <= self.hand_offset[0] <= self.hand_offset[1] or len(self.hand_offset) != 2:
             raise ValueError(f"env.hand_offset must be [min, max] distances with 0 <= min <= max, got {self.hand_offset}")
+        if self.hand_offset_law not in HAND_OFFSET_LAWS:
+            raise ValueError(f"env.hand_offset_law must be one of {HAND_OFFSET_LAWS}, got {self.hand_offset_law!r}")
         if not 0.0 <= self.action_scale_jitter < 1.0:
             raise ValueError(f"env.action_scale_jitter must be in [0, 1), got {self.action_scale_jitter}")
         if self.obs_mode not in OBS_MODES:
@@ -117,6 +123,8 @@ class EnvConfig:
         data = asdict(self)
         if data["num_drawers"] == NUM_TASKS:
             del data["num_drawers"]
+        if data["hand_offset_law"] == HAND_OFFSET_LAWS[0]:  # likewise (field added after datasets were made)
+            del data["hand_offset_law"]
         for name in APPEARANCE:  # likewise the scene's appearance at Metaworld's (only deployment shifts change it)
             if data["scene"][name] == asdict(SceneConfig())[name]:
                 del data["scene"][name]
@@ -226,7 +234,11 @@ class SawyerTwoDrawersEnv(gym.Env):
         jitter = self.np_random.uniform(-1.0, 1.0, 3) * self.config.hand_jitter
         low, high = self.config.hand_offset
         if high > 0:  # drawn only when used: the random streams of datasets made without it are unchanged
-            distance, angle = self.np_random.uniform(low, high), self.np_random.uniform(0.0, 2.0 * np.pi)
+            if self.config.hand_offset_law == "area":  # one draw either way: the streams stay aligned
+                distance = np.sqrt(self.np_random.uniform(low ** 2, high ** 2))
+            else:
+                distance = self.np_random.uniform(low, high)
+            angle = self.np_random.uniform(0.0, 2.0 * np.pi)
             jitter[:2] += distance * np.array([np.cos(angle), np.sin(angle)])
         self._action_scale = self.config.action_scale
         if self.config.action_scale_jitter > 0:
