@@ -28,10 +28,13 @@ class ElboWeights:
     prior_reward_weight: float = 1.0
     kl_weight: float = 1.0
     free_nats: float = 0.0
+    obs_std: float = 1.0
 
     def __post_init__(self) -> None:
         if min(self.beta, self.kl_weight, self.free_nats, self.prior_reward_weight) < 0 or self.reward_std <= 0:
             raise ValueError("beta, kl_weight, free_nats and prior_reward_weight must be >= 0 and reward_std > 0")
+        if self.obs_std <= 0:
+            raise ValueError(f"obs_std must be > 0, got {self.obs_std}")
 
 
 def shift_right(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +71,8 @@ def elbo_loss(target_obs: dict[str, torch.Tensor], decoded: dict[str, torch.Tens
     paper's ELBO per step).
     """
     # per key: the mean over the steps it was decoded at (all, or a random subset: an unbiased estimate of the mean)
-    obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], 1.0, 3 if k == PIXELS else 1).mean() for k in target_obs)
+    obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], weights.obs_std, 3 if k == PIXELS else 1).mean()
+                 for k in target_obs)
     rew_ll = gaussian_log_prob(reward_in, decoded[REWARD_OUT], weights.reward_std, 1)
     kl = gaussian_kl(out["post_mean"], out["post_std"], out["prior_mean"], out["prior_std"])
     kl_term = torch.clamp(kl.mean(), min=weights.free_nats) if weights.free_nats > 0 else kl.mean()

@@ -69,6 +69,7 @@ import torch
 from tensordict import TensorDictBase
 
 from envs.keys import PIXELS, TARGET_TASK, TASK
+from lightning_modules.filter.augment import random_brightness, random_shift
 from lightning_modules.filter.belief_filter import SPEC_KEY, BeliefFilter
 from lightning_modules.filter.losses import REWARD_OUT, ElboWeights, elbo_loss, prior_reward_loss, shift_right
 from lightning_modules.filter.probe import ProbeCollector, collect_probe_positions, probe_metrics
@@ -98,6 +99,9 @@ class VariationalFilterModule(pl.LightningModule):
         reward_std: standard deviation of the Gaussian reward model.
         prior_reward_weight: weight (times beta) of predicting r_t from a prior sample (0 disables).
         kl_weight: weight of the KL term (1.0 = the ELBO); free_nats: the mean KL per step is clamped below at this.
+        obs_std: standard deviation of the Gaussian observation model (of standardised states, of pixels in
+            [-0.5, 0.5]). At 1.0 a hand position off by 2 cm costs ~0.01 nats: the beliefs locate the hand only
+            roughly; smaller values ask for a sharper position.
         normalize_state: standardise ``state`` observations with statistics of the first training batch.
         lr, weight_decay: Adam(W); grad_clip: gradient norm clipping (0 disables; the Trainer's value wins).
         compile: ``torch.compile`` the recurrent cell (the per-step work of the time loop).
@@ -107,6 +111,9 @@ class VariationalFilterModule(pl.LightningModule):
             The image decoder costs as much as the encoder: 0.25 trains ~1.6x faster from pixels (docs/BENCHMARKS.md).
         channels_last: keep the conv weights in ``torch.channels_last`` memory format (~1.1x faster on a CPU;
             checkpoints are the same either way).
+        augment_shift, augment_brightness: training sequences only, one draw per sequence
+            (:mod:`lightning_modules.filter.augment`): shift the images by up to this many pixels (DrQ), scale
+            their values by 1 +- this factor. 0 = off.
     """
 
     def __init__(
@@ -129,6 +136,7 @@ class VariationalFilterModule(pl.LightningModule):
         prior_reward_weight: float = 1.0,
         kl_weight: float = 1.0,
         free_nats: float = 0.0,
+        obs_std: float = 1.0,
         normalize_state: bool = True,
         lr: float = 6e-4,
         weight_decay: float = 0.0,
@@ -137,15 +145,20 @@ class VariationalFilterModule(pl.LightningModule):
         probe_l2: float = 1e-2,
         recon_fraction: float = 1.0,
         channels_last: bool = False,
+        augment_shift: int = 0,
+        augment_brightness: float = 0.0,
     ):
         super().__init__()
         if not 0.0 < recon_fraction <= 1.0:
             raise ValueError(f"recon_fraction must be in (0, 1], got {recon_fraction}")
+        if augment_shift < 0 or not 0.0 <= augment_brightness < 1.0:
+            raise ValueError(f"augment_shift must be >= 0 and augment_brightness in [0, 1), got {augment_shift}, "
+                             f"{augment_brightness}")
         self.save_hyperparameters()
         obs_keys = list(obs_keys)
         self.hparams["obs_keys"] = obs_keys  # a plain list in checkpoints / YAML and when merged with the
         self._hparams_initial["obs_keys"] = list(obs_keys)  # DataModule's hparams (same name, same value)
-        self.weights = ElboWeights(beta, reward_std, prior_reward_weight, kl_weight, free_nats)
+        self.weights = ElboWeights(beta, reward_std, prior_reward_weight, kl_weight, free_nats, obs_std)
         self.filter = BeliefFilter(**BeliefFilter.kwargs_from_hparams(self.hparams))
         if channels_last:
             self.filter.to(memory_format=torch.channels_last)
@@ -234,6 +247,7 @@ class VariationalFilterModule(pl.LightningModule):
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> torch.Tensor:
         self.check_batch(batch)
         with self._noise(TRAIN_NOISE, self.global_step):  # the step alone: independent of epoch length
+            batch = self._augment(batch)
             loss, info = self.compute_losses(batch, sample=True, recon_fraction=self.hparams.recon_fraction)
         terms = info["terms"]
         check_finite({"train/loss": loss, **{f"losses/{k}": v for k, v in terms.items() if k != "elbo"}},
@@ -243,6 +257,16 @@ class VariationalFilterModule(pl.LightningModule):
         self.log("train/elbo", terms["elbo"], prog_bar=True, batch_size=B)
         self.log_dict({f"losses/{k}": v for k, v in terms.items() if k != "elbo"}, batch_size=B)
         return loss
+
+    def _augment(self, batch: TensorDictBase) -> TensorDictBase:
+        """The batch with augmented images (a shallow copy; the loader's batch is left as it is)."""
+        shift, brightness = self.hparams.augment_shift, self.hparams.augment_brightness
+        if PIXELS not in self.obs_keys or (shift <= 0 and brightness <= 0):
+            return batch
+        pixels = random_brightness(random_shift(batch[PIXELS], shift), brightness)
+        batch = batch.clone(recurse=False)
+        batch.set(PIXELS, pixels)
+        return batch
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PHASE_KEY] = PHASE

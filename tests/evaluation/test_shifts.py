@@ -38,6 +38,32 @@ def test_hand_offset_moves_the_start_and_keeps_the_nominal_stream():
         env.close()
 
 
+def test_hand_offset_area_law_puts_more_starts_at_the_rim():
+    """``hand_offset_law="area"``: uniform over the ring's area (median distance r_max / sqrt(2), 59% beyond 2/3 of
+    r_max vs 33% with the default law), the same number of draws (the angle stream is the default law's), and left
+    out of the metadata at its default."""
+    config = dict(obs_mode="state", episode_length=40, hand_offset=(0.0, 0.06), hand_jitter=0.0)
+    starts = {}
+    for law in ("distance", "area"):
+        env = SawyerTwoDrawersEnv(EnvConfig(**config, hand_offset_law=law))
+        offsets = []
+        for seed in range(200):
+            env.reset(seed=seed, options={"task": 0})
+            offsets.append(env.data.mocap_pos[0][:2] - np.asarray(env.config.hand_init[:2]))
+        starts[law] = np.array(offsets)
+        env.close()
+    distance = {law: np.linalg.norm(xy, axis=1) for law, xy in starts.items()}
+    assert distance["area"].max() <= 0.06 + 1e-6
+    assert np.mean(distance["distance"] > 0.04) < 0.42 < np.mean(distance["area"] > 0.04)
+    assert np.median(distance["area"]) == pytest.approx(0.06 / np.sqrt(2), abs=0.006)
+    angle = {law: np.arctan2(xy[:, 1], xy[:, 0]) for law, xy in starts.items()}
+    np.testing.assert_allclose(angle["area"], angle["distance"], atol=1e-6)
+    assert "hand_offset_law" not in EnvConfig().to_dict()
+    assert EnvConfig.from_dict(EnvConfig(hand_offset_law="area").to_dict()).hand_offset_law == "area"
+    with pytest.raises(ValueError, match="hand_offset_law"):
+        EnvConfig(hand_offset_law="gaussian")
+
+
 def test_shift_registry_and_env_changes():
     assert NOMINAL in SHIFTS and SHIFTS[NOMINAL].env_config(STATE_ENV) == STATE_ENV
     slow = SHIFTS["slow_arm"].env_config(STATE_ENV)

@@ -145,6 +145,39 @@ def test_subset_reconstruction_is_the_mean_over_the_drawn_frames(pixel_batch):
         VariationalFilterModule(obs_keys=["pixels"], image_size=32, recon_fraction=0.0, **SMALL)
 
 
+def test_augmentation_shifts_whole_sequences_and_leaves_the_batch_alone(pixel_batch):
+    """augment_shift / augment_brightness: one draw per sequence (every frame moved alike), a shifted frame is the
+    original translated, the loader's batch is not modified, and state-only filters ignore them."""
+    from lightning_modules.filter.augment import random_brightness, random_shift
+
+    pixels = pixel_batch["pixels"]
+    B, L = pixels.shape[:2]
+    torch.manual_seed(0)
+    shifted = random_shift(pixels, 2)
+    assert shifted.shape == pixels.shape and shifted.dtype == torch.uint8 and not torch.equal(shifted, pixels)
+    for b in range(B):  # the offset found on frame 0 explains every frame of the sequence (interior pixels)
+        offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(shifted[b, 0, :, 2:-2, 2:-2], pixels[b, 0, :, 2 + dy:30 + dy, 2 + dx:30 + dx])]
+        assert offsets, b
+        dy, dx = offsets[0]
+        assert torch.equal(shifted[b, :, :, 2:-2, 2:-2], pixels[b, :, :, 2 + dy:30 + dy, 2 + dx:30 + dx])
+    brighter = random_brightness(pixels, 0.3).float()
+    ratio = brighter.sum((2, 3, 4)) / pixels.float().sum((2, 3, 4)).clamp(min=1)
+    assert ((ratio - ratio[:, :1]).abs() < 0.02).all() and ((ratio - 1).abs() <= 0.31).all()
+    assert random_shift(pixels, 0) is pixels and random_brightness(pixels, 0.0) is pixels
+
+    model = VariationalFilterModule(obs_keys=["pixels"], image_size=32, augment_shift=2, augment_brightness=0.3,
+                                    **SMALL)
+    before = pixels.clone()
+    augmented = model._augment(pixel_batch)
+    assert torch.equal(pixel_batch["pixels"], before) and not torch.equal(augmented["pixels"], before)
+    assert augmented["action"] is pixel_batch["action"]
+    state_model = VariationalFilterModule(obs_keys=["state"], augment_shift=2, **SMALL)
+    assert state_model._augment(pixel_batch) is pixel_batch
+    with pytest.raises(ValueError, match="augment_brightness"):
+        VariationalFilterModule(obs_keys=["pixels"], image_size=32, augment_brightness=1.5, **SMALL)
+
+
 # ---------------------------------------------------------------------- alignment and the belief APIs
 def test_reward_alignment_and_carry_across_segments(state_batch):
     """r_{t+1} = ("next","reward")[t] reaches the belief at t+1 (not before), and the state is not reset."""
