@@ -178,6 +178,30 @@ def test_augmentation_shifts_whole_sequences_and_leaves_the_batch_alone(pixel_ba
         VariationalFilterModule(obs_keys=["pixels"], image_size=32, augment_brightness=1.5, **SMALL)
 
 
+def test_obs_std_sharpens_the_observation_model_only():
+    """obs_std = s: the observation NLL is the Gaussian one with that deviation (errors cost 1/s^2 as much), the
+    reward and KL terms are untouched; a non-positive value is refused."""
+    import math
+
+    from lightning_modules.filter.losses import REWARD_OUT, ElboWeights, elbo_loss
+
+    torch.manual_seed(0)
+    target = {"state": torch.randn(2, 5, 6)}
+    decoded = {"state": target["state"] + 0.1 * torch.randn(2, 5, 6), REWARD_OUT: torch.randn(2, 5, 1)}
+    reward = torch.randn(2, 5, 1)
+    out = {"post_mean": torch.randn(2, 5, 4), "post_std": torch.rand(2, 5, 4) + 0.1,
+           "prior_mean": torch.zeros(2, 5, 4), "prior_std": torch.ones(2, 5, 4)}
+    _, wide = elbo_loss(target, decoded, reward, out, ElboWeights())
+    _, sharp = elbo_loss(target, decoded, reward, out, ElboWeights(obs_std=0.1))
+    sq = (target["state"] - decoded["state"]).square().sum(-1).mean()
+    torch.testing.assert_close(wide["obs_nll"], 0.5 * sq + 6 * 0.5 * math.log(2 * math.pi))
+    torch.testing.assert_close(sharp["obs_nll"], 0.5 * sq / 0.01 + 6 * (math.log(0.1) + 0.5 * math.log(2 * math.pi)))
+    for name in ("reward_nll", "kl"):
+        torch.testing.assert_close(sharp[name], wide[name])
+    with pytest.raises(ValueError, match="obs_std"):
+        VariationalFilterModule(obs_keys=["state"], obs_std=0.0, **SMALL)
+
+
 # ---------------------------------------------------------------------- alignment and the belief APIs
 def test_reward_alignment_and_carry_across_segments(state_batch):
     """r_{t+1} = ("next","reward")[t] reaches the belief at t+1 (not before), and the state is not reset."""
