@@ -40,5 +40,5 @@ def random_brightness(pixels: torch.Tensor, amount: float) -> torch.Tensor:
     if amount <= 0:
         return pixels
     B = pixels.shape[0]
-    factor = 1.0 + amount * (2.0 * torch.rand(B, 1, 1, 1, 1) - 1.0)
+    factor = 1.0 + amount * (2.0 * torch.rand(B, 1, 1, 1, 1, device=pixels.device) - 1.0)
     return (pixels.float() * factor).round().clamp(0, 255).to(pixels.dtype)
