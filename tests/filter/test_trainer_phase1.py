@@ -219,7 +219,7 @@ def test_wrong_key_on_the_command_line_is_named():
     assert "no_such_key" in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("typo", [("    beta: 100.0 ", "    bta: 100.0 ", "bta"),
+@pytest.mark.parametrize("typo", [("    beta: 1000.0 ", "    bta: 1000.0 ", "bta"),
                                   ("\n  max_steps:", "\n  max_step:", "max_step")],
                          ids=["model", "trainer"])
 def test_typo_in_a_yaml_config_is_named(tmp_path, typo):
