@@ -39,7 +39,7 @@ from lightning_modules.cql.networks import BELIEF  # noqa: E402
 
 def make_model(args: argparse.Namespace, obs_keys=("state",), stoch=None, deter=None, image_size=64) -> LatentCQLModule:
     fh = dict(obs_keys=list(obs_keys), image_size=image_size, stoch_dim=stoch or args.stoch_dim,
-              deter_dim=deter or args.deter_dim)
+              deter_dim=deter or args.deter_dim, hidden_dim=deter or args.deter_dim)  # the RSSM needs them equal
     torch.manual_seed(0)
     return LatentCQLModule("unused.ckpt", filter_spec={"format": 1, "kwargs": fh}, hidden_dim=args.hidden_dim,
                            num_random=args.num_random, transition_batch_size=args.batch_size)

@@ -14,7 +14,7 @@ from typing import Callable
 
 TRACEBACK_ENV = "REFLECTIVE_TRACEBACK"
 NAMED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FloatingPointError, PermissionError,
-                                                 IsADirectoryError, NotADirectoryError)
+                                                 IsADirectoryError, NotADirectoryError, InterruptedError)
 EXIT_NAMED_ERROR = 2
 
 

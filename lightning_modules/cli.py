@@ -9,8 +9,9 @@ Configs compose: ``--config`` may be repeated, later files override earlier ones
 Run directories written before the ``lightning_modules/`` packages existed name old class paths; they are refused
 with a message naming the new one (:data:`MOVED`). ``--ckpt_path`` must be a readable checkpoint of the phase the
 config trains (checked before anything is built); a run resumed from ``<run>/checkpoints/*.ckpt`` logs into
-``<run>`` again, and TensorBoard drops the events logged after the checkpoint (each step shows once). Named errors
-are one line on stderr and exit status 2 (:mod:`envs.errors`).
+``<run>`` again, and TensorBoard drops the events logged after the checkpoint (each step shows once). A ``fit``
+stopped by SIGTERM (which Lightning ends with status 0) is an error here. Named errors are one line on stderr and
+exit status 2 (:mod:`envs.errors`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ select_headless_gl()  # before anything (a datamodule, an env) imports mujoco
 
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from envs.errors import EXIT_NAMED_ERROR, run_command  # noqa: E402
 from envs.keys import obs_keys_for  # noqa: E402
@@ -80,6 +82,14 @@ class ReflectiveCLI(LightningCLI):
         if logger.init_args.get("version") is None:  # a saved config.yaml: continue in the checkpoint's run folder
             logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
             logger.init_args.version = run.name
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as err:  # a SystemExit with status 0: a killed run would pass for a finished one
+            step = self.trainer.global_step if getattr(self, "trainer", None) is not None else "?"
+            raise InterruptedError(f"{subcommand} stopped by SIGTERM at step {step}: the run is incomplete; resume it "
+                                   f"with the same command and --ckpt_path <run>/checkpoints/last.ckpt") from err
 
     def before_fit(self) -> None:
         ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None

@@ -118,3 +118,24 @@ def assert_same_core_state(a: dict, b: dict) -> None:
     [opt_a], [opt_b] = a["optimizer_states"], b["optimizer_states"]
     assert opt_a["param_groups"] == opt_b["param_groups"]
     torch.testing.assert_close(opt_b["state"], opt_a["state"], rtol=0, atol=1e-6)  # Adam moments and step counts
+
+
+
+def _callback_base():
+    from lightning.pytorch.callbacks import Callback
+
+    return Callback
+
+
+class SigtermAtStep(_callback_base()):
+    """A Lightning callback (``--trainer.callbacks+=helpers.SigtermAtStep``) that sends SIGTERM to its own process
+    after training step ``step``, as a scheduler or ``kill`` would."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        import signal
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

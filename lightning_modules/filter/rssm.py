@@ -130,6 +130,9 @@ class RewardRSSM(nn.Module):
         min_std: float = 0.1,
     ):
         super().__init__()
+        if hidden_dim != deter_dim:  # TorchRL's RSSMPrior maps the GRU state with a hidden_dim -> hidden_dim layer
+            raise ValueError(f"hidden_dim ({hidden_dim}) must equal deter_dim ({deter_dim}): TorchRL's RSSMPrior "
+                             f"projects the deterministic state with a hidden_dim x hidden_dim layer")
         self.obs_keys = canonical_obs_keys(obs_keys)
         self.image_size, self.state_dim, self.action_dim = image_size, state_dim, action_dim
         self.deter_dim, self.stoch_dim = deter_dim, stoch_dim

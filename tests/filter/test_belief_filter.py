@@ -59,3 +59,9 @@ def test_one_compatibility_check_names_every_mismatch():
     for part in ("observation keys ['pixels']", "image_size=32", "action_dim=4", "task count"):
         assert part in text, text
     assert filt.check_data(["pixels"], {"pixels": ((3, 32, 32), torch.uint8)}, 2) == []
+
+
+def test_mismatched_rssm_sizes_are_named_at_construction():
+    """TorchRL's RSSMPrior needs hidden_dim == deter_dim; otherwise the first forward pass failed with a shape error."""
+    with pytest.raises(ValueError, match=r"hidden_dim \(64\) must equal deter_dim \(16\)"):
+        VariationalFilterModule(obs_keys=["state"], **{**SMALL, "hidden_dim": 64})

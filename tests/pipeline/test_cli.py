@@ -71,3 +71,25 @@ def test_data_module_settings_are_linked_into_the_filter(tmp_path):
                                          "--data.init_args.image_size", "32"])
     assert cli.model.obs_keys == ("pixels", "state") and cli.model.hparams.image_size == 32
     assert cli.model.hparams.num_tasks == 2 and cli.datamodule.obs_keys == ("pixels", "state")
+
+
+def test_a_fit_stopped_by_sigterm_is_an_error(tmp_path, tiny_state_dataset, capsys):
+    """Lightning ends a fit that receives SIGTERM with SystemExit(None), i.e. status 0; the command says it is
+    incomplete (status 2), so the pipeline never marks a killed stage done nor evaluates its half-trained model."""
+    import pytest
+
+    from lightning_modules.cli import main
+
+    args = ["fit", "--config", str(ROOT / "configs" / "filter_quickstart.yaml"),
+            f"--data.init_args.root={tiny_state_dataset.root}",
+            f"--data.init_args.rollouts_per_task={tiny_state_dataset.rollouts_per_task}",
+            "--data.init_args.batch_size=2", "--data.init_args.num_segments=2", "--data.init_args.batches_per_epoch=2",
+            "--data.init_args.val_batches=1", "--model.init_args.deter_dim=16", "--model.init_args.hidden_dim=16",
+            "--trainer.max_steps=50", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks+=helpers.SigtermAtStep"]
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: fit stopped by SIGTERM at step 2: the run is incomplete" in err and "--ckpt_path" in err
+    assert list(tmp_path.glob("filter_quickstart/version_0/checkpoints/last.ckpt"))  # what was written is kept
