@@ -1,13 +1,17 @@
 """Plain helpers shared by the tests (fixtures are in ``conftest.py``): the `lightning` command run as users run it,
-a tiny state DataModule, a quiet CPU Trainer, sampled batches, checkpoint and TensorBoard readers."""
+a tiny state DataModule, a quiet CPU Trainer, sampled batches, checkpoint and TensorBoard readers, a callback
+that sends SIGTERM to its own process."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 # the tiny filter of the shared filter checkpoint (conftest.py's ``filter_ckpt``)
@@ -120,14 +124,7 @@ def assert_same_core_state(a: dict, b: dict) -> None:
     torch.testing.assert_close(opt_b["state"], opt_a["state"], rtol=0, atol=1e-6)  # Adam moments and step counts
 
 
-
-def _callback_base():
-    from lightning.pytorch.callbacks import Callback
-
-    return Callback
-
-
-class SigtermAtStep(_callback_base()):
+class SigtermAtStep(Callback):
     """A Lightning callback (``--trainer.callbacks+=helpers.SigtermAtStep``) that sends SIGTERM to its own process
     after training step ``step``, as a scheduler or ``kill`` would."""
 
@@ -135,7 +132,5 @@ class SigtermAtStep(_callback_base()):
         self.step = step
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        import signal
-
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 from helpers import lightning_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +78,6 @@ def test_data_module_settings_are_linked_into_the_filter(tmp_path):
 def test_a_fit_stopped_by_sigterm_is_an_error(tmp_path, tiny_state_dataset, capsys):
     """Lightning ends a fit that receives SIGTERM with SystemExit(None), i.e. status 0; the command says it is
     incomplete (status 2), so the pipeline never marks a killed stage done nor evaluates its half-trained model."""
-    import pytest
-
     from lightning_modules.cli import main
 
     args = ["fit", "--config", str(ROOT / "configs" / "filter_quickstart.yaml"),
