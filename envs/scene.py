@@ -8,6 +8,8 @@ attached once per drawer: twice (name prefixes ``left/`` and ``right/``) in the 
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass
 
@@ -85,7 +87,21 @@ def build_spec(config: SceneConfig = SceneConfig()) -> mujoco.MjSpec:
 
 
 def build_model(config: SceneConfig = SceneConfig(), fast_render: bool = True) -> mujoco.MjModel:
-    """Compile the scene. ``fast_render`` drops what a 64 px frame does not need (shadows, MSAA, reflections)."""
+    """The compiled scene: the env's own copy of a model compiled once per ``(config, fast_render)`` in a process.
+
+    Compiling the scene costs ~0.4 s (two drawers) to ~0.9 s (three) on a CPU, a copy ~10 ms; an evaluation builds
+    one env per lockstep trial, every periodic evaluation again. ``fast_render`` drops what a 64 px frame does not
+    need (shadows, MSAA, reflections).
+    """
+    try:
+        hash(config)
+    except TypeError:  # a SceneConfig built with lists: compile it uncached
+        return _compiled_model.__wrapped__(config, fast_render)
+    return copy.copy(_compiled_model(config, fast_render))  # MjModel's copy is deep: envs never share arrays
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_model(config: SceneConfig, fast_render: bool) -> mujoco.MjModel:
     model = build_spec(config).compile()
     # Metaworld's mocap weld: the hand follows the mocap body (same constants as its SawyerMocapBase).
     for i in range(model.neq):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import gymnasium as gym
@@ -176,3 +177,19 @@ def test_every_drawer_opening_is_visible(make_env, n):
     for i in range(n):
         for j in range(i + 1, n):
             assert np.abs(frames[i] - frames[j]).mean() > 0.3  # and which drawer it is
+
+
+def test_the_scene_compiles_once_and_every_env_gets_its_own_model():
+    from envs.scene import _compiled_model, build_model
+
+    cfg = SceneConfig.for_drawers(3)
+    first = build_model(cfg)
+    hits = _compiled_model.cache_info().hits
+    second = build_model(cfg)
+    assert _compiled_model.cache_info().hits == hits + 1  # the second env copies the compiled scene
+    assert first is not second and first.nbody == second.nbody
+    np.testing.assert_array_equal(first.body_pos, second.body_pos)
+    first.geom_rgba[0, 0] = 0.123  # an env changing its model leaves the others' alone
+    assert second.geom_rgba[0, 0] != pytest.approx(0.123)
+    tinted = build_model(dataclasses.replace(cfg, tint=(1.0, 0.5, 0.5)))
+    assert not np.allclose(tinted.mat_rgba, second.mat_rgba)  # another config is another compiled scene
