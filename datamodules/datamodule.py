@@ -121,7 +121,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
     ``hand_offset``, ``action_scale_jitter``: the conditions the data covers). Only the first ``rollouts_per_task``
     rollouts of a larger dataset are used.
 
-    Sampling: ``mode`` ("synthetic" or "no_expl"), ``num_segments`` K, ``segment_length`` T (None = whole
+    Sampling: ``mode`` ("synthetic" or "no_expl"), ``search_fraction`` (synthetic: the fraction of meta-rollouts
+    whose first min(K, N) segments are distinct tasks, see :class:`SamplerConfig`), ``num_segments`` K, ``segment_length`` T (None = whole
     episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
     ``obs_mode``), ``num_tasks`` N (None = ``env.num_drawers``, one task per drawer; checked against the dataset), ``seed``.
     ``batches_per_epoch`` sets the epoch length (None = endless); validation uses ``val_batches`` fixed
@@ -146,6 +147,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         collection_workers: int = 0,
         env: dict[str, Any] | None = None,
         mode: str = "synthetic",
+        search_fraction: float = 0.0,
         num_segments: int = 2,
         segment_length: int | None = None,
         batch_size: int = 16,
@@ -185,9 +187,12 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         self.hparams["obs_keys"] = list(self.obs_keys)
         self._hparams_initial["obs_keys"] = list(self.obs_keys)
         self.sampler_config = SamplerConfig(batch_size=batch_size, num_segments=num_segments,
-                                            segment_length=segment_length, mode=mode, obs_keys=self.obs_keys)
+                                            segment_length=segment_length, mode=mode, obs_keys=self.obs_keys,
+                                            search_fraction=search_fraction)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if not 0.0 <= search_fraction <= 1.0:
+            raise ValueError(f"search_fraction must be in [0, 1], got {search_fraction}")
         if device is not None and num_workers > 0:
             raise ValueError(f"device={device!r} gathers batches in the main process: set num_workers=0 (got {num_workers})")
         if num_workers < 0 or val_batches < 1:

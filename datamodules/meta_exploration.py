@@ -1,7 +1,8 @@
 """Synthetic exploration (paper section 3.5): K-extended meta-rollouts from N per-task offline buffers.
 
 One sample of the distribution M^K: task indices ``i_1..i_K`` drawn uniformly with replacement from the N
-tasks, one trajectory (or a crop of length T of one) drawn uniformly from each chosen buffer, and a target task
+tasks (or, for a ``search_fraction`` of the meta-rollouts, the first min(K, N) of them a random order of
+distinct tasks: beyond the paper, for N > 2 drawers where a search needs several failures in a row), one trajectory (or a crop of length T of one) drawn uniformly from each chosen buffer, and a target task
 ``i*`` drawn uniformly and independently; rewards of segments with ``i_j != i*`` are set to zero and the K
 segments are concatenated into one sequence of length L = K*T. The ``no_expl`` mode (the paper's "No Expl"
 ablation) takes all K segments from the target task's own buffer and keeps the real rewards.
@@ -47,6 +48,9 @@ class SamplerConfig:
     segment_length: int | None = None
     mode: str = "synthetic"
     obs_keys: tuple[str, ...] | None = None
+    # synthetic mode: the fraction of meta-rollouts whose first min(K, N) segments come from distinct tasks in a
+    # random order (a systematic search; later segments i.i.d.); 0 = the paper's i.i.d. segment tasks
+    search_fraction: float = 0.0
 
 
 def _windows(flat: np.ndarray, length: int) -> np.ndarray:
@@ -76,6 +80,8 @@ class MetaExplorationSampler:
                  in_memory: bool = False, device: str | torch.device | None = None, torch_gather: bool | None = None):
         if config.mode not in MODES:
             raise ValueError(f"unknown sampler mode {config.mode!r}; choose one of {MODES}")
+        if not 0.0 <= config.search_fraction <= 1.0:
+            raise ValueError(f"search_fraction must be in [0, 1], got {config.search_fraction}")
         if config.batch_size < 1 or config.num_segments < 1:
             raise ValueError(f"batch_size and num_segments must be >= 1, got {config.batch_size} and {config.num_segments}")
         if len(buffers) < 1:
@@ -169,6 +175,11 @@ class MetaExplorationSampler:
         target = torch.randint(N, (B,), generator=generator)
         if self.config.mode == "synthetic":
             task = torch.randint(N, (B, K), generator=generator)
+            if self.config.search_fraction > 0:  # (drawn only then: the i.i.d. stream stays as it was)
+                first = min(K, N)
+                order = torch.argsort(torch.rand((B, N), generator=generator), dim=1)[:, :first]
+                searching = torch.rand(B, generator=generator) < self.config.search_fraction
+                task[:, :first] = torch.where(searching[:, None], order, task[:, :first])
         else:  # no_expl: every segment from the target task's own buffer
             task = target[:, None].expand(B, K).clone()
         u = torch.rand((B, K), generator=generator, dtype=torch.float64)

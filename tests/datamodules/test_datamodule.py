@@ -128,6 +128,8 @@ def test_dataset_errors(tiny_state_dataset, tiny_pixel_dataset, tmp_path):
         make_dm(tiny_state_dataset, device="cuda", num_workers=2)
     with pytest.raises(ValueError, match="mode"):
         make_dm(tiny_state_dataset, mode="expl")
+    with pytest.raises(ValueError, match="search_fraction must be in"):
+        make_dm(tiny_state_dataset, search_fraction=-0.1)  # at construction, before any data is read
 
 
 def test_obs_subset_and_storage_options(tiny_pixel_dataset):

@@ -131,6 +131,35 @@ def test_synthetic_statistics(tiny_state_dataset, num_tasks):
     assert abs(frac - 1 / N) < 4 * math.sqrt((1 / N) * (1 - 1 / N) / d["task"].numel())
 
 
+@pytest.mark.parametrize("num_tasks", [3, 5])
+def test_search_fraction_makes_the_first_segments_distinct_tasks(tiny_state_dataset, num_tasks):
+    """search_fraction: that share of meta-rollouts searches (distinct tasks first), the rest stays i.i.d.; task and
+    target marginals stay uniform and independent; 0 leaves the paper's stream exactly as it was."""
+    buffers = more_tasks(tiny_state_dataset, num_tasks)
+    K, N = 4, num_tasks
+    first = min(K, N)
+
+    def sampler(fraction: float) -> MetaExplorationSampler:
+        return MetaExplorationSampler(buffers, SamplerConfig(batch_size=64, num_segments=K, segment_length=10,
+                                                             search_fraction=fraction))
+
+    iid = draw(sampler(0.0), batches=20)
+    plain = draw(MetaExplorationSampler(buffers, SamplerConfig(batch_size=64, num_segments=K, segment_length=10)), 20)
+    assert all(torch.equal(iid[k], plain[k]) for k in iid)
+    for fraction in (1.0, 0.5):
+        d = draw(sampler(fraction), batches=60)  # 3840 meta-rollouts
+        distinct = torch.tensor([len(set(row[:first].tolist())) == first for row in d["task"]])
+        p_iid = math.prod((N - j) / N for j in range(first))  # i.i.d. tasks happen to be distinct
+        expected = fraction + (1 - fraction) * p_iid
+        assert abs(distinct.double().mean().item() - expected) < 4 * math.sqrt(expected * (1 - expected) / len(distinct)) + 1e-9
+        assert chi2_uniform(d["task"], N) < chi2_critical(N - 1)
+        assert chi2_uniform(d["target"], N) < chi2_critical(N - 1)
+        for j in range(K):
+            assert chi2_independence(d["target"], d["task"][:, j], N, N) < chi2_critical((N - 1) ** 2)
+    with pytest.raises(ValueError, match="search_fraction"):
+        sampler(1.5)
+
+
 @pytest.mark.parametrize("num_tasks", [2, 3])
 def test_rewards_relabelled_against_buffers(tiny_state_dataset, num_tasks):
     buffers = more_tasks(tiny_state_dataset, num_tasks)
