@@ -122,8 +122,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
     rollouts of a larger dataset are used.
 
     Sampling: ``mode`` ("synthetic" or "no_expl"), ``search_fraction`` (synthetic: the fraction of meta-rollouts
-    whose first min(K, N) segments are distinct tasks, see :class:`SamplerConfig`), ``num_segments`` K, ``segment_length`` T (None = whole
-    episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
+    whose first min(K, N) segments are distinct tasks, see :class:`SamplerConfig`), ``num_segments`` K,
+    ``segment_length`` T (None = whole episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
     ``obs_mode``), ``num_tasks`` N (None = ``env.num_drawers``, one task per drawer; checked against the dataset), ``seed``.
     ``batches_per_epoch`` sets the epoch length (None = endless); validation uses ``val_batches`` fixed
     batches drawn with ``val_seed``.

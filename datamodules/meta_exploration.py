@@ -2,7 +2,8 @@
 
 One sample of the distribution M^K: task indices ``i_1..i_K`` drawn uniformly with replacement from the N
 tasks (or, for a ``search_fraction`` of the meta-rollouts, the first min(K, N) of them a random order of
-distinct tasks: beyond the paper, for N > 2 drawers where a search needs several failures in a row), one trajectory (or a crop of length T of one) drawn uniformly from each chosen buffer, and a target task
+distinct tasks: beyond the paper, for N > 2 drawers where a search needs several failures in a row), one
+trajectory (or a crop of length T of one) drawn uniformly from each chosen buffer, and a target task
 ``i*`` drawn uniformly and independently; rewards of segments with ``i_j != i*`` are set to zero and the K
 segments are concatenated into one sequence of length L = K*T. The ``no_expl`` mode (the paper's "No Expl"
 ablation) takes all K segments from the target task's own buffer and keeps the real rewards.
