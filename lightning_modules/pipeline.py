@@ -5,6 +5,7 @@
     python -m lightning_modules.pipeline --preset pixels --methods ours no_expl no_cql   # from 32 px images (CPU)
     python -m lightning_modules.pipeline --preset paper --seeds 0 1 2      # paper scale (GPU)
     python -m lightning_modules.pipeline --preset drawers3 --methods ours no_expl no_cql   # 3 drawers, 4-episode trials
+    python -m lightning_modules.pipeline --filters-from runs/a --out runs/b --phase2-args="..."  # phase-2 variant
 
 Every stage is the command a user would type (``python -m envs.collect``, ``lightning fit --config ...``,
 ``python -m lightning_modules.evaluate``), printed before it runs. Stages that finished are skipped and a
@@ -196,8 +197,10 @@ def online_selection_args(configs: str | list[str]) -> list[str]:
 
 def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: int, episodes: int,
          phase1_args: list[str], phase2_args: list[str], data_root: str | None = None,
-         data_args: list[str] | None = None, online_selection: bool = False) -> list[Stage]:
-    """The stages to run, in order (phase 1 of a data mode is shared by the methods that use it)."""
+         data_args: list[str] | None = None, online_selection: bool = False,
+         filters_from: Path | None = None) -> list[Stage]:
+    """The stages to run, in order (phase 1 of a data mode is shared by the methods that use it; with
+    ``filters_from``, phase 1 is not run: the filters are that --out's ``filters/<mode>/seed_<k>``)."""
     preset_cfg = PRESETS[preset]
     cfg = {"data": config_path(preset_cfg["data"]), "filter": [config_path(c) for c in preset_cfg["filter"]],
            "cql": [config_path(c) for c in preset_cfg["cql"]]}
@@ -215,7 +218,9 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
             mode, overlays1, overlays2 = METHODS[method]
             overlays1, overlays2 = [config_path(c) for c in overlays1], [config_path(c) for c in overlays2]
             key = (mode, seed)
-            if key not in filters:
+            if key not in filters and filters_from is not None:
+                filters[key] = filters_from / "filters" / mode / f"seed_{seed}"
+            elif key not in filters:
                 run = out / "filters" / mode / f"seed_{seed}"
                 filters[key] = run
                 stages.append(_fit_stage(f"phase 1 ({mode}, seed {seed})", [*cfg["filter"], *overlays1], run, seed, phase1_args))
@@ -231,6 +236,18 @@ def plan(preset: str, methods: list[str], seeds: list[int], out: Path, trials: i
                                           run2 / "checkpoints" / "best_eval.ckpt", out / ONLINE / method / f"seed_{seed}",
                                           trials, episodes, seed))
     return stages
+
+
+def check_filters(stages: list[Stage]) -> None:
+    """``FileNotFoundError`` naming the first phase-1 checkpoint that phase 2 reads and no finished run wrote."""
+    for stage in stages:
+        if "--model.init_args.filter_checkpoint" not in stage.argv:
+            continue
+        ckpt = Path(stage.argv[stage.argv.index("--model.init_args.filter_checkpoint") + 1])
+        run = ckpt.parent.parent
+        if not (run / DONE).is_file() or not ckpt.is_file():
+            raise FileNotFoundError(f"--filters-from: {run} holds no finished phase-1 run ({DONE} and "
+                                    f"checkpoints/last.ckpt); run the pipeline with --out {run.parent.parent.parent} first")
 
 
 def _eval_stage(name: str, checkpoint: Path, folder: Path, trials: int, episodes: int, seed: int) -> Stage:
@@ -302,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase1-args", default="", metavar="ARGS",
                    help='extra `lightning fit` args of phase 1, one string: --phase1-args="--trainer.max_steps 500"')
     p.add_argument("--phase2-args", default="", metavar="ARGS", help="extra `lightning fit` args of phase 2, likewise")
+    p.add_argument("--filters-from", type=Path, default=None, metavar="OUT",
+                   help="take the finished phase-1 runs of another job's --out (OUT/filters/<mode>/seed_<k>) "
+                        "instead of training phase 1: phase-2 variants on the same filters")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the preset's data config)")
     p.add_argument("--data-args", default="", metavar="ARGS", help='extra key=value overrides of the data stage, one string')
     p.add_argument("--online-selection", action="store_true",
@@ -338,11 +358,15 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-stages must be >= 1, got {args.max_stages}")
     extra = {name: _split(f"--{name.replace('_', '-')}", getattr(args, name))
              for name in ("phase1_args", "phase2_args", "data_args")}
+    if args.filters_from is not None and extra["phase1_args"]:
+        raise ValueError("--phase1-args has no effect with --filters-from (phase 1 is not run): drop one of them")
     out = args.out or Path("runs") / f"pipeline_{args.preset}"
-    _check_writable(out)
     stages = plan(args.preset, args.methods, args.seeds, out, args.trials, args.episodes,
                   extra["phase1_args"], extra["phase2_args"], args.data_root, extra["data_args"],
-                  args.online_selection)
+                  args.online_selection, args.filters_from)
+    if args.filters_from is not None:
+        check_filters(stages)
+    _check_writable(out)
     for stage in stages:
         stage.check_same()  # every folder, before the first stage runs
     ran = 0

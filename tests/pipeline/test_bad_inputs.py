@@ -200,6 +200,17 @@ def test_pipeline_checks_arguments_before_any_stage(tmp_path, args, named):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra, named", [([], "holds no finished phase-1 run"),
+                                          (["--phase1-args", "--trainer.max_steps 5"], "--phase1-args has no effect")])
+def test_pipeline_filters_from_needs_finished_filters(tmp_path, extra, named):
+    """--filters-from a folder without a finished phase 1 (or with phase-1 args): named before any stage."""
+    (tmp_path / "a" / "filters" / "synthetic" / "seed_0").mkdir(parents=True)  # started, never finished
+    result = command(sys.executable, "-m", "lightning_modules.pipeline", "--out", str(tmp_path / "out"),
+                     "--filters-from", str(tmp_path / "a"), *extra)
+    assert_named(result, "--filters-from" if not extra else "--phase1-args", named)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pipeline_refuses_to_reuse_stages_made_with_other_arguments(tmp_path):
     """A finished job in --out, run again with another --phase1-args: refused, naming the change; nothing rewritten."""
     from lightning_modules.pipeline import DONE, plan

@@ -155,6 +155,19 @@ def test_drawers3_preset_tiny(tmp_path):
     assert all(len(t["opened"]) == 4 and set(t["opened"]) <= {-1, 0, 1, 2} for t in final["trials"])
     assert (out / "figure2.png").stat().st_size > 0
 
+    # a phase-2 variant on the same filters (search-shaped phase-2 data): no phase 1 is run
+    out2 = tmp_path / "out2"
+    variant = list(cmd)
+    variant[variant.index("--out"):variant.index("--out") + 2] = []
+    variant[variant.index("--phase1-args"):variant.index("--phase1-args") + 2] = []
+    variant[variant.index("--phase2-args") + 1] += " --data.init_args.search_fraction 0.5"
+    run = subprocess.run([*variant, "--out", str(out2), "--filters-from", str(out)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "=== phase 1" not in run.stdout and not (out2 / "filters").exists()
+    assert f"--model.init_args.filter_checkpoint {out / 'filters' / 'synthetic' / 'seed_0'}" in run.stdout
+    assert "search_fraction 0.5" in run.stdout and (out2 / "ours" / "seed_0" / "eval_results.json").exists()
+
 
 def test_pixels_preset_tiny(tmp_path):
     """The pixels preset through the real CLI at tiny scale: 32 px images only (no state stored or read), the
