@@ -1,6 +1,6 @@
 """Diagnostic (docs/RESULTS.md, "From pixels"): one phase-2 checkpoint acted on the same fresh trials in other ways.
 
-    python docs/scripts/acting_diagnostics.py CHECKPOINT [--trials 50] [--seed 1000] [--gains 1.5 2.0]
+    python docs/scripts/acting_diagnostics.py CHECKPOINT [--trials 50] [--seed 1000] [--gains 1.5 2.0] [--episodes E]
 
 Rows: the shipped acting (Polyak-averaged actor, deterministic tanh(loc)), sampled actions, the online actor, and
 the deterministic actions scaled by each gain (hand x, y, z; then clipped). Prints success per episode and the mean
@@ -28,8 +28,13 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--gains", type=float, nargs="*", default=[1.5, 2.0])
+    p.add_argument("--episodes", type=int, default=None, help="episodes per trial (default: N + 1 for N drawers)")
     args = p.parse_args()
     model = LatentCQLModule.load_phase2(args.checkpoint)
+    if args.episodes is None:
+        from lightning_modules.evaluation.protocol import default_episodes
+
+        args.episodes = default_episodes(int((model.env_config or {}).get("num_drawers", 2)))
     polyak = model.acting_actor
 
     def online(beliefs: torch.Tensor) -> torch.Tensor:
@@ -45,13 +50,15 @@ def main() -> None:
     for gain in args.gains:
         scale = torch.tensor([gain, gain, gain, 1.0])
         variants[f"deterministic x {gain} (clipped)"] = lambda b, s=scale: (model.act(b, True) * s).clamp(-1.0, 1.0)
-    print("| acting | episode 1 | episode 2 | episode 3 | mean hand abs(action) |\n|---|---:|---:|---:|---:|")
+    columns = " | ".join(f"episode {k + 1}" for k in range(args.episodes))
+    print(f"| acting | {columns} | no drawer opened | mean hand abs(action) |\n|---|{'---:|' * (args.episodes + 2)}")
     for name, act in variants.items():
         wrapped = types.SimpleNamespace(filter=model.filter, act=act, env_config=model.env_config)
-        result = run_trials(wrapped, trials=args.trials, episodes=3, seed=args.seed, record=True)
+        result = run_trials(wrapped, trials=args.trials, episodes=args.episodes, seed=args.seed, record=True)
         rates = " | ".join(f"{r:.2f}" for r in result.summary["success_per_episode"])
         size = result.recorded["action"][..., :3].abs().mean().item()
-        print(f"| {name} | {rates} | {size:.3f} |", flush=True)
+        opened = [o for t in result.trials for o in t["opened"]]
+        print(f"| {name} | {rates} | {opened.count(-1) / len(opened):.2f} | {size:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
