@@ -3,8 +3,8 @@
     python docs/scripts/acting_diagnostics.py CHECKPOINT [--trials 50] [--seed 1000] [--gains 1.5 2.0] [--episodes E]
 
 Rows: the shipped acting (Polyak-averaged actor, deterministic tanh(loc)), sampled actions, the online actor, and
-the deterministic actions scaled by each gain (hand x, y, z; then clipped). Prints success per episode and the mean
-|action| of the hand. Not a way to report a model: it changes how the final model acts.
+the deterministic actions scaled by each gain (hand x, y, z; then clipped). Prints success per episode, the share of
+episodes that open no drawer and the mean |action| of the hand. Not a way to report a model: it changes how the final model acts.
 """
 
 from __future__ import annotations
