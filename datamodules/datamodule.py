@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 from torch.utils.data import DataLoader
 
-from datamodules.meta_exploration import MODES, MetaExplorationSampler, MetaExplorationStream, SamplerConfig, StreamProgress
+from datamodules.meta_exploration import (MODES, SEARCH_ORDERS, MetaExplorationSampler, MetaExplorationStream, SamplerConfig,
+                                          StreamProgress)
 from envs.dataset import METADATA_FILE, OfflineDataset, open_dataset, open_progress, read_metadata
 from envs.dataset import obs_keys as stored_obs_keys
 from envs.two_drawers import ACTION_DIM, EnvConfig
@@ -122,7 +123,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
     rollouts of a larger dataset are used.
 
     Sampling: ``mode`` ("synthetic" or "no_expl"), ``search_fraction`` (synthetic: the fraction of meta-rollouts
-    whose first min(K, N) segments are distinct tasks, see :class:`SamplerConfig`), ``num_segments`` K,
+    whose first min(K, N) segments are distinct tasks) and ``search_order`` (their order: "random" or "cyclic"; see
+    :class:`SamplerConfig`), ``num_segments`` K,
     ``segment_length`` T (None = whole episodes), ``batch_size`` B, ``obs_keys`` (a subset of the stored observations; None = those of
     ``obs_mode``), ``num_tasks`` N (None = ``env.num_drawers``, one task per drawer; checked against the dataset), ``seed``.
     ``batches_per_epoch`` sets the epoch length (None = endless); validation uses ``val_batches`` fixed
@@ -148,6 +150,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         env: dict[str, Any] | None = None,
         mode: str = "synthetic",
         search_fraction: float = 0.0,
+        search_order: str = "random",
         num_segments: int = 2,
         segment_length: int | None = None,
         batch_size: int = 16,
@@ -188,11 +191,13 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         self._hparams_initial["obs_keys"] = list(self.obs_keys)
         self.sampler_config = SamplerConfig(batch_size=batch_size, num_segments=num_segments,
                                             segment_length=segment_length, mode=mode, obs_keys=self.obs_keys,
-                                            search_fraction=search_fraction)
+                                            search_fraction=search_fraction, search_order=search_order)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if not 0.0 <= search_fraction <= 1.0:
             raise ValueError(f"search_fraction must be in [0, 1], got {search_fraction}")
+        if search_order not in SEARCH_ORDERS:
+            raise ValueError(f"unknown search_order {search_order!r}; choose one of {SEARCH_ORDERS}")
         if device is not None and num_workers > 0:
             raise ValueError(f"device={device!r} gathers batches in the main process: set num_workers=0 (got {num_workers})")
         if num_workers < 0 or val_batches < 1:

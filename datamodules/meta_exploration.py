@@ -1,8 +1,8 @@
 """Synthetic exploration (paper section 3.5): K-extended meta-rollouts from N per-task offline buffers.
 
 One sample of the distribution M^K: task indices ``i_1..i_K`` drawn uniformly with replacement from the N
-tasks (or, for a ``search_fraction`` of the meta-rollouts, the first min(K, N) of them a random order of
-distinct tasks: beyond the paper, for N > 2 drawers where a search needs several failures in a row), one
+tasks (or, for a ``search_fraction`` of the meta-rollouts, the first min(K, N) of them distinct tasks in a random
+or cyclic ``search_order``: beyond the paper, for N > 2 drawers where a search needs several failures in a row), one
 trajectory (or a crop of length T of one) drawn uniformly from each chosen buffer, and a target task
 ``i*`` drawn uniformly and independently; rewards of segments with ``i_j != i*`` are set to zero and the K
 segments are concatenated into one sequence of length L = K*T. The ``no_expl`` mode (the paper's "No Expl"
@@ -28,6 +28,7 @@ from envs.keys import ACTION, OBS_KEYS, ORIGINAL_REWARD, REWARD, ROLLOUT, SEGMEN
 from envs.seeding import derive_seed
 
 MODES = ("synthetic", "no_expl")
+SEARCH_ORDERS = ("random", "cyclic")  # the order of the distinct tasks of a search (see SamplerConfig)
 _GATHERED = (ACTION, REWARD)  # gathered besides the observations
 
 
@@ -52,6 +53,9 @@ class SamplerConfig:
     # synthetic mode: the fraction of meta-rollouts whose first min(K, N) segments come from distinct tasks in a
     # random order (a systematic search; later segments i.i.d.); 0 = the paper's i.i.d. segment tasks
     search_fraction: float = 0.0
+    # the order of a search's distinct tasks: "random" (a random permutation) or "cyclic" (a random first task, then
+    # the next ones in index order modulo N: the same next drawer after the same failures, one search to imitate)
+    search_order: str = "random"
 
 
 def _windows(flat: np.ndarray, length: int) -> np.ndarray:
@@ -83,6 +87,8 @@ class MetaExplorationSampler:
             raise ValueError(f"unknown sampler mode {config.mode!r}; choose one of {MODES}")
         if not 0.0 <= config.search_fraction <= 1.0:
             raise ValueError(f"search_fraction must be in [0, 1], got {config.search_fraction}")
+        if config.search_order not in SEARCH_ORDERS:
+            raise ValueError(f"unknown search_order {config.search_order!r}; choose one of {SEARCH_ORDERS}")
         if config.batch_size < 1 or config.num_segments < 1:
             raise ValueError(f"batch_size and num_segments must be >= 1, got {config.batch_size} and {config.num_segments}")
         if len(buffers) < 1:
@@ -178,7 +184,11 @@ class MetaExplorationSampler:
             task = torch.randint(N, (B, K), generator=generator)
             if self.config.search_fraction > 0:  # (drawn only then: the i.i.d. stream stays as it was)
                 first = min(K, N)
-                order = torch.argsort(torch.rand((B, N), generator=generator), dim=1)[:, :first]
+                if self.config.search_order == "cyclic":
+                    start = torch.randint(N, (B, 1), generator=generator)
+                    order = (start + torch.arange(first)) % N
+                else:
+                    order = torch.argsort(torch.rand((B, N), generator=generator), dim=1)[:, :first]
                 searching = torch.rand(B, generator=generator) < self.config.search_fraction
                 task[:, :first] = torch.where(searching[:, None], order, task[:, :first])
         else:  # no_expl: every segment from the target task's own buffer

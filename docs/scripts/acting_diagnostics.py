@@ -4,7 +4,9 @@
 
 Rows: the shipped acting (Polyak-averaged actor, deterministic tanh(loc)), sampled actions, the online actor, and
 the deterministic actions scaled by each gain (hand x, y, z; then clipped). Prints success per episode, the share of
-episodes that open no drawer and the mean |action| of the hand. Not a way to report a model: it changes how the final model acts.
+episodes that open no drawer and the mean |action| of the hand; then, for the shipped acting (state observations),
+where the hand is at its deepest reach in the episodes that open no drawer, beside the drawers' x positions.
+Not a way to report a model: it changes how the final model acts.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
         variants[f"deterministic x {gain} (clipped)"] = lambda b, s=scale: (model.act(b, True) * s).clamp(-1.0, 1.0)
     columns = " | ".join(f"episode {k + 1}" for k in range(args.episodes))
     print(f"| acting | {columns} | no drawer opened | mean hand abs(action) |\n|---|{'---:|' * (args.episodes + 2)}")
+    shipped = None
     for name, act in variants.items():
         wrapped = types.SimpleNamespace(filter=model.filter, act=act, env_config=model.env_config)
         result = run_trials(wrapped, trials=args.trials, episodes=args.episodes, seed=args.seed, record=True)
@@ -59,6 +62,28 @@ def main() -> None:
         size = result.recorded["action"][..., :3].abs().mean().item()
         opened = [o for t in result.trials for o in t["opened"]]
         print(f"| {name} | {rates} | {opened.count(-1) / len(opened):.2f} | {size:.3f} |", flush=True)
+        if name.startswith("shipped") and "state" in result.recorded.keys():
+            shipped = result
+    if shipped is not None:
+        print_empty_reaches(shipped, args.episodes, model.env_config or {})
+
+
+def print_empty_reaches(result, episodes: int, env_config: dict) -> None:
+    """Hand x at the deepest reach (largest y) of each episode that opens no drawer, against the drawers' x."""
+    from envs.scene import SceneConfig
+
+    state = result.recorded["state"]
+    T = state.shape[1] // episodes
+    xs = []
+    for i, trial in enumerate(result.trials):
+        for e, opened in enumerate(trial["opened"]):
+            if opened == -1:
+                hand = state[i, e * T:(e + 1) * T, :3]
+                xs.append(hand[hand[:, 1].argmax(), 0].item())
+    drawers = SceneConfig.for_drawers(int(env_config.get("num_drawers", 2))).drawer_x
+    print(f"\nepisodes that open no drawer: {len(xs)}; hand x at the deepest reach: "
+          + (f"mean {sum(xs) / len(xs):+.3f}, range [{min(xs):+.3f}, {max(xs):+.3f}]" if xs else "-")
+          + f"; drawers at x = {list(drawers)}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ def test_dataset_errors(tiny_state_dataset, tiny_pixel_dataset, tmp_path):
         make_dm(tiny_state_dataset, mode="expl")
     with pytest.raises(ValueError, match="search_fraction must be in"):
         make_dm(tiny_state_dataset, search_fraction=-0.1)  # at construction, before any data is read
+    with pytest.raises(ValueError, match="unknown search_order 'sorted'"):
+        make_dm(tiny_state_dataset, search_order="sorted")
 
 
 def test_obs_subset_and_storage_options(tiny_pixel_dataset):

@@ -160,6 +160,23 @@ def test_search_fraction_makes_the_first_segments_distinct_tasks(tiny_state_data
         sampler(1.5)
 
 
+@pytest.mark.parametrize("num_tasks", [3, 5])
+def test_cyclic_search_order(tiny_state_dataset, num_tasks):
+    """search_order "cyclic": a search's first task is uniform, the next ones follow it in index order modulo N
+    (the same next task after the same failures); the target stays uniform and independent of it."""
+    buffers = more_tasks(tiny_state_dataset, num_tasks)
+    K, N = 4, num_tasks
+    first = min(K, N)
+    d = draw(MetaExplorationSampler(buffers, SamplerConfig(batch_size=64, num_segments=K, segment_length=10,
+                                                           search_fraction=1.0, search_order="cyclic")), batches=30)
+    start = d["task"][:, :1]
+    assert torch.equal(d["task"][:, :first], (start + torch.arange(first)) % N)
+    assert chi2_uniform(start, N) < chi2_critical(N - 1)
+    assert chi2_independence(d["target"], start[:, 0], N, N) < chi2_critical((N - 1) ** 2)
+    with pytest.raises(ValueError, match="search_order"):
+        MetaExplorationSampler(buffers, SamplerConfig(search_order="sorted"))
+
+
 @pytest.mark.parametrize("num_tasks", [2, 3])
 def test_rewards_relabelled_against_buffers(tiny_state_dataset, num_tasks):
     buffers = more_tasks(tiny_state_dataset, num_tasks)
