@@ -43,24 +43,26 @@ _ENV_VARS = ("MUJOCO_GL", "PYOPENGL_PLATFORM", "MUJOCO_EGL_DEVICE_ID", "LP_NUM_T
 
 # ---------------------------------------------------------------------------------------------- workers
 def _worker(
-    mode: str, image_size: int, num_envs: int, seconds: float, warmup: float, seed: int, barrier: Any, queue: Any
+    mode: str, image_size: int, num_envs: int, seconds: float, warmup: float, seed: int, barrier: Any, queue: Any,
+    antialias: bool = False,
 ) -> None:
     """Run one process of a measurement and put a result dict (or an error string) on ``queue``."""
     try:
-        queue.put(_measure(mode, image_size, num_envs, seconds, warmup, seed, barrier))
+        queue.put(_measure(mode, image_size, num_envs, seconds, warmup, seed, barrier, antialias))
     except BaseException as exc:  # noqa: BLE001 - report to the parent instead of hanging the barrier
         barrier.abort()
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _measure(mode: str, image_size: int, num_envs: int, seconds: float, warmup: float, seed: int, barrier: Any):
+def _measure(mode: str, image_size: int, num_envs: int, seconds: float, warmup: float, seed: int, barrier: Any,
+             antialias: bool = False):
     import numpy as np
 
     from envs.scripted import DrawerOpener
     from envs.tiled_render import TiledRenderer
     from envs.two_drawers import SawyerTwoDrawersEnv
 
-    envs = [SawyerTwoDrawersEnv(obs_mode="state", image_size=image_size) for _ in range(num_envs)]
+    envs = [SawyerTwoDrawersEnv(obs_mode="state", image_size=image_size, antialias=antialias) for _ in range(num_envs)]
     policies = [DrawerOpener(task=i % 2, seed=seed * 1000 + i) for i in range(num_envs)]
     done = [True] * num_envs
     tiled = TiledRenderer(envs[0].model, image_size, num_envs) if mode == "tiled" else None
@@ -140,7 +142,8 @@ def _probe_worker(queue: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 def run_measurement(
-    ctx: Any, mode: str, processes: int, envs_per_process: int, image_size: int, seconds: float, warmup: float
+    ctx: Any, mode: str, processes: int, envs_per_process: int, image_size: int, seconds: float, warmup: float,
+    antialias: bool = False,
 ) -> dict[str, Any]:
     """Run ``processes`` spawned workers together; aggregate their frames/s."""
     barrier = ctx.Barrier(processes)
@@ -148,7 +151,7 @@ def run_measurement(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(mode, image_size, envs_per_process, seconds, warmup, rank + 1, barrier, queue),
+            args=(mode, image_size, envs_per_process, seconds, warmup, rank + 1, barrier, queue, antialias),
             daemon=True,
         )
         for rank in range(processes)
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--warmup", type=float, default=1.0, help="untimed warm-up seconds per process (default 1)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to measure")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--antialias", action="store_true", help="render with EnvConfig.antialias (4x MSAA)")
     args = parser.parse_args(argv)
     if args.processes < 1 or args.image_size < 8 or min(args.envs_per_process) < 1 or args.seconds <= 0:
         parser.error("--processes >= 1, --image-size >= 8, --envs-per-process >= 1 and --seconds > 0 are required")
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
         print(f"GL: {gl.get('vendor', '?')} | {gl.get('renderer', '?')} | {gl.get('version', '?')}")
     print(
-        f"env: {args.image_size} px, action_repeat={env_cfg.action_repeat} x frame_skip={env_cfg.frame_skip} physics"
+        f"env: {args.image_size} px{' anti-aliased' if args.antialias else ''}, action_repeat={env_cfg.action_repeat} x frame_skip={env_cfg.frame_skip} physics"
         f" steps per frame, episode_length={env_cfg.episode_length} (+ reset), scripted DrawerOpener actions;"
         f" {args.seconds:g} s timed after {args.warmup:g} s warm-up per measurement"
     )
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|", flush=True)
     results = []
     for mode, processes, envs_per_process in plan:
-        res = run_measurement(ctx, mode, processes, envs_per_process, args.image_size, args.seconds, args.warmup)
+        res = run_measurement(ctx, mode, processes, envs_per_process, args.image_size, args.seconds, args.warmup,
+                              args.antialias)
         if "error" in res:
             print(f"| {_label(mode)} | {processes} | {envs_per_process} | error: {res['error']} | | |", flush=True)
             results.append({"mode": mode, "processes": processes, "envs_per_process": envs_per_process, **res})

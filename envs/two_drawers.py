@@ -81,6 +81,9 @@ class EnvConfig:
     mocap_low: tuple[float, float, float] = _MOCAP_LOW
     mocap_high: tuple[float, float, float] = _MOCAP_HIGH
     fast_render: bool = True
+    # 4x multisample anti-aliasing of rendered frames (edges blend): twice the cost per frame on llvmpipe and no
+    # measurable gain in how precisely a pixel filter places the hand (docs/RESULTS.md); off in every preset
+    antialias: bool = False
     scene: SceneConfig = field(default_factory=SceneConfig)
 
     def __post_init__(self) -> None:
@@ -123,8 +126,9 @@ class EnvConfig:
         data = asdict(self)
         if data["num_drawers"] == NUM_TASKS:
             del data["num_drawers"]
-        if data["hand_offset_law"] == HAND_OFFSET_LAWS[0]:  # likewise (field added after datasets were made)
-            del data["hand_offset_law"]
+        for name, default in (("hand_offset_law", HAND_OFFSET_LAWS[0]), ("antialias", False)):
+            if data[name] == default:  # likewise (fields added after datasets were made)
+                del data[name]
         for name in APPEARANCE:  # likewise the scene's appearance at Metaworld's (only deployment shifts change it)
             if data["scene"][name] == asdict(SceneConfig())[name]:
                 del data["scene"][name]
@@ -162,7 +166,7 @@ class SawyerTwoDrawersEnv(gym.Env):
             raise ValueError("episode_length, action_repeat and frame_skip must be >= 1")
         self.config = config
         self.render_mode = render_mode
-        self.model = build_model(config.scene, fast_render=config.fast_render)
+        self.model = build_model(config.scene, fast_render=config.fast_render, antialias=config.antialias)
         self.data = mujoco.MjData(self.model)
         prefixes = drawer_prefixes(config.num_drawers)
         self._slides = [self.model.joint(f"{p}goal_slidey").qposadr[0] for p in prefixes]

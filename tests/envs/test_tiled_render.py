@@ -127,3 +127,22 @@ def test_plan_layout():
     assert (lay.tiles_per_pass, lay.passes) == (4, 3)
     with pytest.raises(ValueError):
         plan_layout(1, 256, 256, 128, 128)
+
+
+def test_antialiased_tiles_match_mujoco_renderer():
+    """``EnvConfig.antialias``: MSAA frames differ from aliased ones (edges blend) and tiles still match the Renderer."""
+    envs = [SawyerTwoDrawersEnv(obs_mode="state", image_size=SIZE, antialias=aa) for aa in (False, True, True)]
+    try:
+        for i, env in enumerate(envs):
+            env.reset(seed=0)
+            env.step(np.array([0.3, 0.0, 0.0, 0.0]) if i == 2 else np.zeros(4))
+        aliased, smooth, moved = (env.render() for env in envs)
+        assert envs[1].config.to_dict()["antialias"] is True and "antialias" not in envs[0].config.to_dict()
+        assert (aliased != smooth).any(-1).mean() > 0.02  # the edges of every object are blended
+        with TiledRenderer(envs[1].model, SIZE, 2, camera=SCENE_CAMERA) as renderer:
+            frames = renderer.render([envs[1].data, envs[2].data])
+        _assert_close(smooth, frames[0])
+        _assert_close(moved, frames[1])
+    finally:
+        for env in envs:
+            env.close()
