@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
         print(f"GL: {gl.get('vendor', '?')} | {gl.get('renderer', '?')} | {gl.get('version', '?')}")
     print(
-        f"env: {args.image_size} px{' anti-aliased' if args.antialias else ''}, action_repeat={env_cfg.action_repeat} x frame_skip={env_cfg.frame_skip} physics"
+        f"env: {args.image_size} px{' anti-aliased' if args.antialias else ''}, action_repeat={env_cfg.action_repeat}"
+        f" x frame_skip={env_cfg.frame_skip} physics"
         f" steps per frame, episode_length={env_cfg.episode_length} (+ reset), scripted DrawerOpener actions;"
         f" {args.seconds:g} s timed after {args.warmup:g} s warm-up per measurement"
     )
