@@ -87,20 +87,26 @@ def fit_readout(model: VariationalFilterModule, sampler: MetaExplorationSampler,
         x = torch.cat([model.filter.beliefs(b).flatten(0, 1) for b in data])
         y = torch.cat([b[STATE].float()[..., :3].flatten(0, 1) for b in data])
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    y_mu, y_sd = y.mean(0), y.std(0)
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ELU(), torch.nn.Linear(256, 256),
                               torch.nn.ELU(), torch.nn.Linear(256, 3))
+    return fit_regression(net, lambda b: (b - mu) / sd, x, y, steps, 512, torch.Generator().manual_seed(0))
+
+
+def fit_regression(net: torch.nn.Module, prepare: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   y: torch.Tensor, steps: int, batch_size: int,
+                   generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fit ``net(prepare(x))`` to standardised ``y`` by Adam (squared error); returns x -> prediction in y's units."""
+    y_mu, y_sd = y.mean(0), y.std(0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(len(x), (512,), generator=gen)
-            loss = (net((x[idx] - mu) / sd) - (y[idx] - y_mu) / y_sd).square().mean()
+            idx = torch.randint(len(x), (batch_size,), generator=generator)
+            loss = (net(prepare(x[idx])) - (y[idx] - y_mu) / y_sd).square().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
     net.eval()
-    return lambda beliefs: net((beliefs - mu) / sd) * y_sd + y_mu
+    return lambda inputs: net(prepare(inputs)) * y_sd + y_mu
 
 
 if __name__ == "__main__":

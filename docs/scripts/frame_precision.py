@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from belief_precision import fit_regression  # noqa: E402 - this folder (the script's own) is on sys.path
 from envs.dataset import open_dataset  # noqa: E402
 from envs.keys import PIXELS, STATE  # noqa: E402
 from lightning_modules.filter.rssm import ConvEncoder  # noqa: E402
@@ -41,19 +42,11 @@ def main() -> None:
     torch.manual_seed(0)
     x_fit, y_fit = (t.flatten(0, 1) for t in frames(args.fit_data))
     x_test, y_test = frames(args.data)
-    y_mu, y_sd = y_fit.mean(0), y_fit.std(0)
     encoder = ConvEncoder(x_fit.shape[-1], args.depth)
     net = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.out_dim, 3))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    norm = lambda x: x.float() / 255.0 - 0.5  # noqa: E731 - the filter's pixel normalisation
-    for _ in range(args.steps):
-        idx = torch.randint(len(x_fit), (128,))
-        loss = (net(norm(x_fit[idx])) - (y_fit[idx] - y_mu) / y_sd).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    predict = fit_regression(net, lambda x: x.float() / 255.0 - 0.5, x_fit, y_fit, args.steps, 128)  # filter's norm
     with torch.no_grad():
-        pred = torch.cat([net(norm(x)) for x in x_test.flatten(0, 1).split(1024)]) * y_sd + y_mu
+        pred = torch.cat([predict(x) for x in x_test.flatten(0, 1).split(1024)])
     error = (pred.reshape(y_test.shape) - y_test).norm(dim=-1) * 100  # [N, T] cm
     print(f"single-frame hand error (cm) on {args.data}, {error.numel()} frames: mean {error.mean():.2f}, "
           f"p90 {error.quantile(0.9):.2f}, first step of an episode {error[:, 0].mean():.2f}")
