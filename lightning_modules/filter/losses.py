@@ -29,8 +29,11 @@ class ElboWeights:
     kl_weight: float = 1.0
     free_nats: float = 0.0
     obs_std: float = 1.0
+    kl_balance: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.kl_balance < 1.0:
+            raise ValueError(f"kl_balance must be in (0, 1), got {self.kl_balance}")
         if min(self.beta, self.kl_weight, self.free_nats, self.prior_reward_weight) < 0 or self.reward_std <= 0:
             raise ValueError("beta, kl_weight, free_nats and prior_reward_weight must be >= 0 and reward_std > 0")
         if self.obs_std <= 0:
@@ -56,6 +59,20 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float, event_dim
     return lp.flatten(-event_dims).sum(-1)
 
 
+def balanced_kl(out: dict[str, torch.Tensor], balance: float) -> torch.Tensor:
+    """KL balancing (DreamerV2): ``balance * KL(sg(q) || p) + (1 - balance) * KL(q || sg(p))`` per step.
+
+    Its value is the KL; its gradient trains the prior ``balance / (1 - balance)`` times as hard as it pulls the
+    posterior towards the prior. 0.5 is the plain KL's gradient (then the plain KL is computed, bit for bit).
+    """
+    q, p = (out["post_mean"], out["post_std"]), (out["prior_mean"], out["prior_std"])
+    if balance == 0.5:
+        return gaussian_kl(*q, *p)
+    train_prior = gaussian_kl(*(x.detach() for x in q), *p)
+    train_post = gaussian_kl(*q, *(x.detach() for x in p))
+    return balance * train_prior + (1.0 - balance) * train_post
+
+
 def elbo_loss(target_obs: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], reward_in: torch.Tensor,
               out: dict[str, torch.Tensor], weights: ElboWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The paper's loss (negative weighted ELBO per step, KL with free nats) and its per-step terms.
@@ -74,11 +91,12 @@ def elbo_loss(target_obs: dict[str, torch.Tensor], decoded: dict[str, torch.Tens
     obs_ll = sum(gaussian_log_prob(target_obs[k], decoded[k], weights.obs_std, 3 if k == PIXELS else 1).mean()
                  for k in target_obs)
     rew_ll = gaussian_log_prob(reward_in, decoded[REWARD_OUT], weights.reward_std, 1)
-    kl = gaussian_kl(out["post_mean"], out["post_std"], out["prior_mean"], out["prior_std"])
+    kl = balanced_kl(out, weights.kl_balance)
     kl_term = torch.clamp(kl.mean(), min=weights.free_nats) if weights.free_nats > 0 else kl.mean()
     loss = -(obs_ll + weights.beta * rew_ll.mean()) + weights.kl_weight * kl_term
-    terms = {"obs_nll": -obs_ll, "reward_nll": -rew_ll.mean(), "kl": kl.mean(),
-             "elbo": obs_ll + weights.beta * rew_ll.mean() - kl.mean()}
+    kl_value = kl.detach().mean()
+    terms = {"obs_nll": -obs_ll, "reward_nll": -rew_ll.mean(), "kl": kl_value,
+             "elbo": obs_ll + weights.beta * rew_ll.mean() - kl_value}
     return loss, terms
 
 

@@ -99,6 +99,9 @@ class VariationalFilterModule(pl.LightningModule):
         reward_std: standard deviation of the Gaussian reward model.
         prior_reward_weight: weight (times beta) of predicting r_t from a prior sample (0 disables).
         kl_weight: weight of the KL term (1.0 = the ELBO); free_nats: the mean KL per step is clamped below at this.
+        kl_balance: KL balancing (DreamerV2): the share of the KL's gradient that trains the prior; the rest pulls
+            the posterior towards it. 0.5 = the plain KL; above, the posterior pays less for what it takes from
+            the observation (:func:`lightning_modules.filter.losses.balanced_kl`).
         obs_std: standard deviation of the Gaussian observation model (of standardised states, of pixels in
             [-0.5, 0.5]). At 1.0 a hand position off by 2 cm costs ~0.01 nats: the beliefs locate the hand only
             roughly; smaller values ask for a sharper position.
@@ -136,6 +139,7 @@ class VariationalFilterModule(pl.LightningModule):
         prior_reward_weight: float = 1.0,
         kl_weight: float = 1.0,
         free_nats: float = 0.0,
+        kl_balance: float = 0.5,
         obs_std: float = 1.0,
         normalize_state: bool = True,
         lr: float = 6e-4,
@@ -158,7 +162,7 @@ class VariationalFilterModule(pl.LightningModule):
         obs_keys = list(obs_keys)
         self.hparams["obs_keys"] = obs_keys  # a plain list in checkpoints / YAML and when merged with the
         self._hparams_initial["obs_keys"] = list(obs_keys)  # DataModule's hparams (same name, same value)
-        self.weights = ElboWeights(beta, reward_std, prior_reward_weight, kl_weight, free_nats, obs_std)
+        self.weights = ElboWeights(beta, reward_std, prior_reward_weight, kl_weight, free_nats, obs_std, kl_balance)
         self.filter = BeliefFilter(**BeliefFilter.kwargs_from_hparams(self.hparams))
         if channels_last:
             self.filter.to(memory_format=torch.channels_last)
