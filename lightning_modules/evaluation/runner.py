@@ -79,7 +79,7 @@ class TrialRunner:
 
         Args:
             filter_module: a :class:`~lightning_modules.filter.belief_filter.BeliefFilter` (``initial_state(n)``,
-                ``step(state, obs, prev_action, reward, first)``, ``obs_keys``, ``action_dim``).
+                ``step(state, obs, prev_action, reward)``, ``obs_keys``, ``action_dim``).
             policy: beliefs [n, D] -> actions [n, A] in [-1, 1].
             seed: draws the targets and seeds every episode's reset (same seed, same trials).
             record: also return the trials in the dataset layout and the online beliefs.
@@ -145,8 +145,7 @@ class TrialRunner:
                         [g.normal(0.0, self.obs_noise, obs_t[STATE].shape[1:]) for g in noise])).float()
                 if frames is not None:
                     frames = _add_frame(frames, envs[0], obs[0])
-                first = torch.full((n, 1), float(t == 0))
-                belief, state = filter_module.step(state, obs_t, prev_action, reward, first)
+                belief, state = filter_module.step(state, obs_t, prev_action, reward)
                 action = policy(belief).detach().float().cpu().clamp(-1.0, 1.0)
                 executed = action.numpy()
                 if self.action_noise > 0:

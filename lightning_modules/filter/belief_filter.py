@@ -8,8 +8,7 @@ weights are the checkpoint's ``filter.*`` entries. Phase 2 and the evaluator reb
 Contract (the time alignment is in :mod:`lightning_modules.filter.rssm`):
 
 * ``beliefs(batch) -> [B, L, belief_dim]``: deterministic fp32 beliefs of a data batch (posterior mean fed forward).
-* ``initial_state(n)``, then ``step(state, obs, prev_action, reward, first) -> (belief [n, D], state)`` per online
-  step (``first``: 1 at an episode's first step);
+* ``initial_state(n)``, then ``step(state, obs, prev_action, reward) -> (belief [n, D], state)`` per online step;
   feeding a batch's sequence through ``step`` reproduces ``beliefs(batch)``.
 * ``obs_keys``, ``action_dim``, ``image_size``, ``num_tasks``, ``belief_dim``; ``check_batch`` / ``check_data``:
   the one data-compatibility check that both phases use.
@@ -25,7 +24,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
-from envs.keys import ACTION, PIXELS, REWARD, SEGMENT_START, STATE
+from envs.keys import ACTION, PIXELS, REWARD, STATE
 from lightning_modules.filter.losses import shift_right
 from lightning_modules.filter.rssm import FilterState, RewardRSSM
 
@@ -38,26 +37,22 @@ class BeliefFilter(nn.Module):
     """The reward-aware RSSM with its observation statistics and the belief API (see the module docstring).
 
     Args: the sizes of :class:`~lightning_modules.filter.rssm.RewardRSSM`, ``num_tasks`` (the data's task count,
-    checked against data), ``normalize_state`` (standardise ``state`` with statistics of the first batch) and
-    ``reset_input`` (the transition also reads the episode-start flag, :meth:`RewardRSSM.transition_input`).
+    checked against data) and ``normalize_state`` (standardise ``state`` with statistics of the first batch).
     """
 
     def __init__(self, obs_keys: Sequence[str] = (PIXELS,), image_size: int = 64, state_dim: int = 6,
                  action_dim: int = 4, num_tasks: int = 2, deter_dim: int = 256, stoch_dim: int = 64,
                  hidden_dim: int = 256, mlp_hidden: int = 256, cnn_depth: int = 32, state_embed_dim: int = 256,
-                 reward_embed_dim: int = 32, min_std: float = 0.1, normalize_state: bool = True,
-                 reset_input: bool = False):
+                 reward_embed_dim: int = 32, min_std: float = 0.1, normalize_state: bool = True):
         super().__init__()
         self.rssm = RewardRSSM(obs_keys, image_size, state_dim, action_dim, deter_dim, stoch_dim, hidden_dim,
-                               cnn_depth, mlp_hidden, state_embed_dim, reward_embed_dim, min_std, reset_input)
+                               cnn_depth, mlp_hidden, state_embed_dim, reward_embed_dim, min_std)
         self.kwargs = dict(obs_keys=list(self.rssm.obs_keys), image_size=int(image_size), state_dim=int(state_dim),
                            action_dim=int(action_dim), num_tasks=int(num_tasks), deter_dim=int(deter_dim),
                            stoch_dim=int(stoch_dim), hidden_dim=int(hidden_dim), mlp_hidden=int(mlp_hidden),
                            cnn_depth=int(cnn_depth), state_embed_dim=int(state_embed_dim),
                            reward_embed_dim=int(reward_embed_dim), min_std=float(min_std),
                            normalize_state=bool(normalize_state))
-        if reset_input:  # left out when off: the specs of filters trained before it existed stay as they were
-            self.kwargs["reset_input"] = True
         self.register_buffer("state_stats_ready", torch.tensor(False))
 
     # ------------------------------------------------------------------ description
@@ -188,8 +183,6 @@ class BeliefFilter(nn.Module):
             problems.append(f"batches must have batch size [B, L], got {list(batch.batch_size)}")
         if ACTION not in keys or REWARD not in keys:
             problems.append(f"the batch needs {ACTION!r} and {REWARD}")
-        if self.rssm.reset_input and SEGMENT_START not in keys:
-            problems.append(f"the filter reads the episode-start flag (reset_input): the batch needs {SEGMENT_START!r}")
         shapes = {k: (tuple(batch[k].shape[batch.batch_dims:]), batch[k].dtype)
                   for k in (PIXELS, STATE, ACTION) if k in keys}
         problems += self.check_data([k for k in (PIXELS, STATE) if k in keys], shapes, None)
@@ -214,8 +207,6 @@ class BeliefFilter(nn.Module):
         obs = {k: batch[k] for k in self.obs_keys}
         reward_in = shift_right(batch[REWARD].float())  # r_t: the reward that arrived with o_t
         prev_action = shift_right(batch[ACTION].float())  # a_{t-1}
-        first = batch[SEGMENT_START] if self.rssm.reset_input else None
-        prev_action = self.rssm.transition_input(prev_action, first)
         embedding = self.rssm.embed(obs, reward_in)
         return self.rssm.filter(embedding, prev_action, sample=sample, step_fn=step_fn), reward_in
 
@@ -239,11 +230,9 @@ class BeliefFilter(nn.Module):
 
     @torch.no_grad()
     def step(self, state: FilterState, obs: Mapping[str, torch.Tensor], action: torch.Tensor,
-             reward: torch.Tensor, first: torch.Tensor | None = None) -> tuple[torch.Tensor, FilterState]:
-        """One online step: o_t, the previous action a_{t-1}, the reward r_t that came with o_t and ``first``
-        [n, 1] (1 at an episode's first step; needed by a filter with ``reset_input``, ignored otherwise)."""
+             reward: torch.Tensor) -> tuple[torch.Tensor, FilterState]:
+        """One online step: o_t, the previous action a_{t-1} and the reward r_t that came with o_t."""
         device = self.device
         obs = {k: obs[k].to(device) for k in self.obs_keys}
-        first = None if first is None else first.to(device)
         with torch.autocast(device_type=device.type, enabled=False):
-            return self.rssm.step(state, obs, action.to(device), reward.to(device), first)
+            return self.rssm.step(state, obs, action.to(device), reward.to(device))

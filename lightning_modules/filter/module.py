@@ -117,9 +117,6 @@ class VariationalFilterModule(pl.LightningModule):
         augment_shift, augment_brightness: training sequences only, one draw per sequence
             (:mod:`lightning_modules.filter.augment`): shift the images by up to this many pixels (DrQ), scale
             their values by 1 +- this factor. 0 = off.
-        reset_input: the transition also reads a flag that is 1 at each episode's first step (``segment_start`` of
-            the batches; the evaluation passes it online). At a reset the hand jumps to a new start: without the
-            flag the prior expects it where the last episode left it, and the posterior pays KL to move it.
     """
 
     def __init__(
@@ -154,7 +151,6 @@ class VariationalFilterModule(pl.LightningModule):
         channels_last: bool = False,
         augment_shift: int = 0,
         augment_brightness: float = 0.0,
-        reset_input: bool = False,
     ):
         super().__init__()
         if not 0.0 < recon_fraction <= 1.0:
@@ -197,9 +193,9 @@ class VariationalFilterModule(pl.LightningModule):
         return self.filter.initial_state(batch_size)
 
     def step(self, state: FilterState, obs: dict[str, torch.Tensor], action: torch.Tensor,
-             reward: torch.Tensor, first: torch.Tensor | None = None) -> tuple[torch.Tensor, FilterState]:
+             reward: torch.Tensor) -> tuple[torch.Tensor, FilterState]:
         """:meth:`BeliefFilter.step`."""
-        return self.filter.step(state, obs, action, reward, first)
+        return self.filter.step(state, obs, action, reward)
 
     def check_batch(self, batch: TensorDictBase) -> None:
         """:meth:`BeliefFilter.check_batch`."""

@@ -128,7 +128,6 @@ class RewardRSSM(nn.Module):
         state_embed_dim: int = 256,
         reward_embed_dim: int = 32,
         min_std: float = 0.1,
-        reset_input: bool = False,
     ):
         super().__init__()
         if hidden_dim != deter_dim:  # TorchRL's RSSMPrior maps the GRU state with a hidden_dim -> hidden_dim layer
@@ -137,7 +136,6 @@ class RewardRSSM(nn.Module):
         self.obs_keys = canonical_obs_keys(obs_keys)
         self.image_size, self.state_dim, self.action_dim = image_size, state_dim, action_dim
         self.deter_dim, self.stoch_dim = deter_dim, stoch_dim
-        self.reset_input = bool(reset_input)
         feat_dim = deter_dim + stoch_dim
 
         self.encoders = nn.ModuleDict()
@@ -160,7 +158,7 @@ class RewardRSSM(nn.Module):
 
         spec = Bounded(-1.0, 1.0, shape=(action_dim,))
         self.prior = RSSMPrior(spec, hidden_dim=hidden_dim, rnn_hidden_dim=deter_dim, state_dim=stoch_dim,
-                               scale_lb=min_std, action_dim=action_dim + int(self.reset_input))
+                               scale_lb=min_std, action_dim=action_dim)
         self.posterior = RSSMPosterior(hidden_dim=hidden_dim, state_dim=stoch_dim, scale_lb=min_std,
                                        rnn_hidden_dim=deter_dim, obs_embed_dim=self.embed_dim)
 
@@ -222,16 +220,6 @@ class RewardRSSM(nn.Module):
         return {"deter": torch.zeros(batch_size, self.deter_dim, device=device),
                 "stoch": torch.zeros(batch_size, self.stoch_dim, device=device)}
 
-    def transition_input(self, prev_action: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
-        """What the transition reads besides s_{t-1}: a_{t-1}, and with ``reset_input`` the flag ``first``
-        [..., 1] (1 at an episode's first step: the env was reset, the hand jumped to a new start)."""
-        if not self.reset_input:
-            return prev_action
-        if first is None:
-            raise ValueError("this filter reads the episode-start flag (reset_input): pass `first` (1 at the first "
-                             "step of every episode)")
-        return torch.cat([prev_action, first.to(prev_action.dtype)], -1)
-
     def _split_weights(self):
         first_prior = self.prior.action_state_projector[0]  # Linear on cat([stoch, action])
         first_post = self.posterior.obs_rnn_to_post_projector[0]  # Linear on cat([deter, embedding])
@@ -260,8 +248,7 @@ class RewardRSSM(nn.Module):
 
         Args:
             embedding: [B, L, embed_dim] from :meth:`embed` (o_t with r_t).
-            prev_action: [B, L, A], a_{t-1} (zeros at t=0); with ``reset_input`` [B, L, A + 1], the output of
-                :meth:`transition_input`.
+            prev_action: [B, L, A], a_{t-1} (zeros at t=0).
             state: initial state (default zeros).
             sample: feed reparameterised posterior samples forward (training); else the posterior mean.
             step_fn: replacement for :meth:`cell` (e.g. a compiled version).
@@ -291,16 +278,14 @@ class RewardRSSM(nn.Module):
         return result
 
     def step(self, state: FilterState, obs: dict[str, torch.Tensor], action: torch.Tensor,
-             reward: torch.Tensor, first: torch.Tensor | None = None) -> tuple[torch.Tensor, FilterState]:
-        """One online step: ``obs`` = o_t, ``action`` = a_{t-1}, ``reward`` = r_t (both zeros at the start),
-        ``first`` [B, 1] = 1 at an episode's first step (read only with ``reset_input``).
+             reward: torch.Tensor) -> tuple[torch.Tensor, FilterState]:
+        """One online step: ``obs`` = o_t, ``action`` = a_{t-1}, ``reward`` = r_t (both zeros at the start).
 
         Returns the belief [B, belief_dim] and the new state (the posterior mean is fed forward).
         """
         reward = reward.reshape(-1, 1).float()
         embedding = self.embed(obs, reward)
-        first = None if first is None else first.reshape(-1, 1)
-        action_in, embed_in = self.input_projections(embedding, self.transition_input(action.float(), first))
+        action_in, embed_in = self.input_projections(embedding, action.float())
         deter, mean, std = self.cell(state["deter"], state["stoch"], action_in, embed_in)
         return self.belief(mean, std, deter), {"deter": deter, "stoch": mean}
 
@@ -311,10 +296,8 @@ class RewardRSSM(nn.Module):
         """
         deter, stoch = state["deter"], state["stoch"]
         out_d, out_z = [], []
-        not_first = torch.zeros_like(actions[..., :1])  # an open-loop rollout stays inside its episode
         for i in range(actions.shape[1]):
-            action = self.transition_input(actions[:, i], not_first[:, i])
-            mean, _, _, deter = self.prior(stoch, deter, action, noise=torch.zeros_like(stoch))
+            mean, _, _, deter = self.prior(stoch, deter, actions[:, i], noise=torch.zeros_like(stoch))
             stoch = mean
             out_d.append(deter)
             out_z.append(stoch)

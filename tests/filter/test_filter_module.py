@@ -40,8 +40,7 @@ def _stepwise(model, batch):
     action, reward = torch.zeros(B, model.hparams.action_dim), torch.zeros(B, 1)
     out = []
     for t in range(L):
-        first = batch["segment_start"][:, t].float()
-        belief, state = model.step(state, {k: batch[k][:, t] for k in model.obs_keys}, action, reward, first)
+        belief, state = model.step(state, {k: batch[k][:, t] for k in model.obs_keys}, action, reward)
         out.append(belief)
         action, reward = batch["action"][:, t], batch["next", "reward"][:, t]
     return torch.stack(out, 1)
@@ -203,34 +202,6 @@ def test_obs_std_sharpens_the_observation_model_only():
         VariationalFilterModule(obs_keys=["state"], obs_std=0.0, **SMALL)
 
 
-def test_kl_balance_splits_the_kl_gradient_between_prior_and_posterior():
-    """kl_balance = b: the KL's value is unchanged, the prior gets b and the posterior 1 - b of the plain KL's
-    gradient (b = 0.5 computes the plain KL itself); a value outside (0, 1) is refused before any work."""
-    from lightning_modules.filter.losses import balanced_kl, gaussian_kl
-
-    torch.manual_seed(0)
-    leaves = {"post_mean": torch.randn(2, 5, 4), "post_std": torch.rand(2, 5, 4) + 0.1,
-              "prior_mean": torch.randn(2, 5, 4), "prior_std": torch.rand(2, 5, 4) + 0.1}
-
-    def grads(fn):
-        out = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-        value = fn(out)
-        value.sum().backward()
-        return value.detach(), {k: v.grad for k, v in out.items()}
-
-    plain, g_plain = grads(lambda o: gaussian_kl(o["post_mean"], o["post_std"], o["prior_mean"], o["prior_std"]))
-    balanced, g_bal = grads(lambda o: balanced_kl(o, 0.8))
-    torch.testing.assert_close(balanced, plain)
-    for k in ("prior_mean", "prior_std"):
-        torch.testing.assert_close(g_bal[k], 0.8 * g_plain[k])
-    for k in ("post_mean", "post_std"):
-        torch.testing.assert_close(g_bal[k], 0.2 * g_plain[k])
-    half, _ = grads(lambda o: balanced_kl(o, 0.5))
-    assert torch.equal(half, plain)
-    with pytest.raises(ValueError, match="kl_balance"):
-        VariationalFilterModule(obs_keys=["state"], kl_balance=1.0, **SMALL)
-
-
 # ---------------------------------------------------------------------- alignment and the belief APIs
 def test_reward_alignment_and_carry_across_segments(state_batch):
     """r_{t+1} = ("next","reward")[t] reaches the belief at t+1 (not before), and the state is not reset."""
@@ -257,42 +228,12 @@ def test_reward_alignment_and_carry_across_segments(state_batch):
 
 
 @pytest.mark.parametrize("obs_keys", [["state"], ["pixels", "state"]])
-@pytest.mark.parametrize("reset_input", [False, True])
-def test_stepwise_api_matches_beliefs(obs_keys, reset_input, state_batch, pixel_batch):
+def test_stepwise_api_matches_beliefs(obs_keys, state_batch, pixel_batch):
     torch.manual_seed(0)
     batch = state_batch if obs_keys == ["state"] else pixel_batch
-    model = VariationalFilterModule(obs_keys=obs_keys, image_size=32, reset_input=reset_input, **SMALL)
+    model = VariationalFilterModule(obs_keys=obs_keys, image_size=32, **SMALL)
     model.filter.fit_state_stats(batch)  # non-trivial normalisation
     torch.testing.assert_close(_stepwise(model, batch), model.beliefs(batch), rtol=0, atol=1e-5)
-
-
-def test_reset_input_reads_the_episode_start_flag(tmp_path, state_batch):
-    """reset_input: the flag changes the belief from the first step of a segment on (not before); the filter
-    without it ignores the flag, keeps the spec of older filters, and a flag-reading filter refuses a batch or an
-    online step without the flag with a one-line error; the spec round-trips through a checkpoint."""
-    from lightning_modules.filter.belief_filter import BeliefFilter
-
-    torch.manual_seed(0)
-    model = VariationalFilterModule(obs_keys=["state"], reset_input=True, **SMALL)
-    T = int((state_batch["segment"][0] == 0).sum())
-    moved = state_batch.clone()
-    moved["segment_start"][:, T] = False  # pretend the second episode did not start with a reset
-    a, b = model.beliefs(state_batch), model.beliefs(moved)
-    torch.testing.assert_close(a[:, :T], b[:, :T], rtol=0, atol=0)
-    assert (a[:, T] - b[:, T]).abs().max() > 1e-4
-    plain = VariationalFilterModule(obs_keys=["state"], **SMALL)
-    torch.testing.assert_close(plain.beliefs(state_batch), plain.beliefs(moved), rtol=0, atol=0)
-    assert "reset_input" not in plain.filter.spec()["kwargs"]
-    with pytest.raises(ValueError, match="segment_start"):
-        model.beliefs(state_batch.exclude("segment_start"))
-    with pytest.raises(ValueError, match="reset_input"):
-        model.step(model.initial_state(2), {"state": state_batch["state"][:2, 0]}, torch.zeros(2, 4), torch.zeros(2, 1))
-    path = tmp_path / "filter.pt"
-    torch.save({"belief_filter": model.filter.spec(), "state_dict": {"filter." + k: v for k, v in
-                                                                     model.filter.state_dict().items()}}, path)
-    loaded = BeliefFilter.load(path)
-    assert loaded.rssm.reset_input
-    torch.testing.assert_close(loaded.beliefs(state_batch), a, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------- Trainer: checkpoints, precision, checks
