@@ -202,6 +202,34 @@ def test_obs_std_sharpens_the_observation_model_only():
         VariationalFilterModule(obs_keys=["state"], obs_std=0.0, **SMALL)
 
 
+def test_kl_balance_splits_the_kl_gradient_between_prior_and_posterior():
+    """kl_balance = b: the KL's value is unchanged, the prior gets b and the posterior 1 - b of the plain KL's
+    gradient (b = 0.5 computes the plain KL itself); a value outside (0, 1) is refused before any work."""
+    from lightning_modules.filter.losses import balanced_kl, gaussian_kl
+
+    torch.manual_seed(0)
+    leaves = {"post_mean": torch.randn(2, 5, 4), "post_std": torch.rand(2, 5, 4) + 0.1,
+              "prior_mean": torch.randn(2, 5, 4), "prior_std": torch.rand(2, 5, 4) + 0.1}
+
+    def grads(fn):
+        out = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        value = fn(out)
+        value.sum().backward()
+        return value.detach(), {k: v.grad for k, v in out.items()}
+
+    plain, g_plain = grads(lambda o: gaussian_kl(o["post_mean"], o["post_std"], o["prior_mean"], o["prior_std"]))
+    balanced, g_bal = grads(lambda o: balanced_kl(o, 0.8))
+    torch.testing.assert_close(balanced, plain)
+    for k in ("prior_mean", "prior_std"):
+        torch.testing.assert_close(g_bal[k], 0.8 * g_plain[k])
+    for k in ("post_mean", "post_std"):
+        torch.testing.assert_close(g_bal[k], 0.2 * g_plain[k])
+    half, _ = grads(lambda o: balanced_kl(o, 0.5))
+    assert torch.equal(half, plain)
+    with pytest.raises(ValueError, match="kl_balance"):
+        VariationalFilterModule(obs_keys=["state"], kl_balance=1.0, **SMALL)
+
+
 # ---------------------------------------------------------------------- alignment and the belief APIs
 def test_reward_alignment_and_carry_across_segments(state_batch):
     """r_{t+1} = ("next","reward")[t] reaches the belief at t+1 (not before), and the state is not reset."""
