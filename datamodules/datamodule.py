@@ -118,7 +118,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
 
     Collection (used by ``prepare_data`` when the dataset is missing or unfinished, and checked against an
     existing one): ``obs_mode``, ``image_size``, ``episode_length``, ``rollouts_per_task``,
-    ``collection_seed``, ``noise_std``, ``collection_workers`` and ``env`` (any other ``EnvConfig`` field, e.g.
+    ``collection_seed``, ``noise_std``, ``fail_fraction``, ``collection_workers`` and ``env`` (any other ``EnvConfig`` field, e.g.
     ``hand_offset``, ``action_scale_jitter``: the conditions the data covers). Only the first ``rollouts_per_task``
     rollouts of a larger dataset are used.
 
@@ -146,6 +146,7 @@ class MetaExplorationDataModule(pl.LightningDataModule):
         rollouts_per_task: int = 1000,
         collection_seed: int = 0,
         noise_std: float = 0.3,
+        fail_fraction: float = 0.0,
         collection_workers: int = 0,
         env: dict[str, Any] | None = None,
         mode: str = "synthetic",
@@ -220,7 +221,8 @@ class MetaExplorationDataModule(pl.LightningDataModule):
 
             collect_dataset(self.root, self.env, rollouts_per_task=self.hparams.rollouts_per_task,
                             seed=self.hparams.collection_seed, noise_std=self.hparams.noise_std,
-                            workers=self.hparams.collection_workers, progress=False)
+                            workers=self.hparams.collection_workers, progress=False,
+                            fail_fraction=self.hparams.fail_fraction)
         if self.hparams.verify:
             open_dataset(self.root).verify()
 

@@ -12,6 +12,9 @@ envs in lockstep and draws their frames as tiles of one offscreen buffer (:class
 one read-back per step for all of them, which is what makes rendering fast on a GPU. Tiled frames equal
 ``mujoco.Renderer``'s up to rare 1-grey-level rounding differences, so keep one setting per dataset. Each rollout's
 checksum (:mod:`envs.integrity`) is stored before the rollout is marked finished; ``--verify`` recomputes them.
+``fail_fraction``: the share of rollouts that are failed attempts (the opener aims above the handle, nothing opens;
+drawn per rollout from its seed, :func:`is_failed_attempt`): data in which a reach can come to nothing, as an
+agent's own replay data would hold. 0 (the default) collects exactly what it did before the option existed.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from envs.dataset import (  # noqa: E402
 )
 from envs.errors import run_command  # noqa: E402
 from envs.integrity import rollout_checksum  # noqa: E402
-from envs.scripted import DrawerOpener  # noqa: E402
+from envs.scripted import MISS_AIM, DrawerOpener  # noqa: E402
 from envs.keys import ACTION, DONE, PIXELS, REWARD, STATE, SUCCESS, TASK, TERMINATED, TRUNCATED  # noqa: E402
 from envs.seeding import derive_seed  # noqa: E402
 from envs.tiled_render import TiledRenderer  # noqa: E402
@@ -63,6 +66,7 @@ class CollectConfig:
     rollouts_per_task: int = 20
     seed: int = 0
     noise_std: float = 0.3
+    fail_fraction: float = 0.0
     workers: int = 2
     envs_per_worker: int = 1
     preview: bool = True
@@ -74,20 +78,32 @@ def rollout_seed(seed: int, task: int, index: int) -> int:
     return derive_seed(seed, task, index, bits=32)
 
 
+FAIL_STREAM = 7  # the random stream of the failed-attempt draw
+
+
+def is_failed_attempt(seed: int, fail_fraction: float) -> bool:
+    """Whether the rollout of this seed is a failed attempt (its own stream: the opener's noise is unchanged)."""
+    return fail_fraction > 0 and bool(np.random.default_rng(derive_seed(seed, FAIL_STREAM)).random() < fail_fraction)
+
+
 def run_rollouts(
     envs: list[SawyerTwoDrawersEnv],
     tasks: list[int],
     seeds: list[int],
     noise_std: float,
     renderer: TiledRenderer | None = None,
+    fail_fraction: float = 0.0,
 ) -> list[TensorDict]:
     """Episodes of the scripted openers, one per env, stepped in lockstep; TensorDicts of batch size [T].
 
     With ``renderer`` the frames of all envs are drawn by it (the envs must not render observations);
-    without it each env renders its own ``pixels`` observation.
+    without it each env renders its own ``pixels`` observation. A share ``fail_fraction`` of the rollouts are
+    failed attempts (:func:`is_failed_attempt`).
     """
     n = len(tasks)
-    policies = [DrawerOpener(task, noise_std=noise_std, seed=seed) for task, seed in zip(tasks, seeds)]
+    policies = [DrawerOpener(task, noise_std=noise_std, seed=seed,
+                             aim_offset=MISS_AIM if is_failed_attempt(seed, fail_fraction) else (0.0, 0.0, 0.0))
+                for task, seed in zip(tasks, seeds)]
     obs = [env.reset(seed=seed, options={"task": task})[0] for env, task, seed in zip(envs[:n], tasks, seeds)]
     steps: list[dict[Any, list[np.ndarray]]] = [{} for _ in range(n)]
     keys = obs_keys(envs[0].config)
@@ -140,7 +156,8 @@ class _Writer:
         tasks = [task for task, _ in jobs]
         seeds = [rollout_seed(self.meta.seed, task, index) for task, index in jobs]
         done = []
-        for (task, index), rollout in zip(jobs, run_rollouts(self.envs, tasks, seeds, self.meta.noise_std, self.renderer)):
+        for (task, index), rollout in zip(jobs, run_rollouts(self.envs, tasks, seeds, self.meta.noise_std, self.renderer,
+                                                                  self.meta.fail_fraction)):
             self.buffers[task][index] = rollout
             done.append((task, index, rollout_checksum(self.buffers[task][index])))
         return done
@@ -175,6 +192,7 @@ def collect_dataset(
     workers: int = 0,
     progress: bool = True,
     envs_per_worker: int = 1,
+    fail_fraction: float = 0.0,
 ) -> OfflineDataset:
     """Collect (or finish, or extend) the dataset at ``root`` and return it opened.
 
@@ -189,9 +207,12 @@ def collect_dataset(
         raise ValueError(f"workers must be >= 0, got {workers}")
     if envs_per_worker < 1:
         raise ValueError(f"envs_per_worker must be >= 1, got {envs_per_worker}")
+    if not 0.0 <= fail_fraction <= 1.0:
+        raise ValueError(f"fail_fraction must be in [0, 1], got {fail_fraction}")
     SawyerTwoDrawersEnv(env).close()  # validates the env parameters before anything is written
     root = Path(root)
-    wanted = DatasetMetadata(env=env, rollouts_per_task=rollouts_per_task, seed=seed, noise_std=noise_std)
+    wanted = DatasetMetadata(env=env, rollouts_per_task=rollouts_per_task, seed=seed, noise_std=noise_std,
+                             fail_fraction=fail_fraction)
     create_or_extend(root, wanted)
     meta = read_metadata(root)
     flags = open_progress(root, meta, mode="r+")
@@ -292,7 +313,8 @@ def _collect(args: argparse.Namespace) -> int:
         return 0
     env = EnvConfig.from_dict(config.env)
     dataset = collect_dataset(config.root, env, config.rollouts_per_task, config.seed, config.noise_std,
-                              config.workers, envs_per_worker=config.envs_per_worker)
+                              config.workers, envs_per_worker=config.envs_per_worker,
+                              fail_fraction=config.fail_fraction)
     print(dataset)
     if config.preview:
         if PIXELS in obs_keys(env):

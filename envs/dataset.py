@@ -61,6 +61,7 @@ class DatasetMetadata:
     seed: int
     noise_std: float
     num_tasks: int | None = None  # one task per drawer: None = env.num_drawers
+    fail_fraction: float = 0.0  # share of failed attempts among the rollouts (envs.collect)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ class DatasetMetadata:
             "rollouts_per_task": self.rollouts_per_task,
             "seed": self.seed,
             "noise_std": self.noise_std,
+            "fail_fraction": self.fail_fraction,
         }
 
     @classmethod
@@ -91,13 +93,15 @@ class DatasetMetadata:
                 seed=int(data["seed"]),
                 noise_std=float(data["noise_std"]),
                 num_tasks=int(data["num_tasks"]),
+                fail_fraction=float(data.get("fail_fraction", 0.0)),  # datasets made before the option: none
             )
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(f"corrupt dataset metadata: {err}") from err
 
     def same_source(self, other: "DatasetMetadata") -> bool:
         """True when rollouts of ``other`` could extend this dataset (everything but the count agrees)."""
-        return (self.env, self.seed, self.noise_std, self.num_tasks) == (other.env, other.seed, other.noise_std, other.num_tasks)
+        return ((self.env, self.seed, self.noise_std, self.num_tasks, self.fail_fraction)
+                == (other.env, other.seed, other.noise_std, other.num_tasks, other.fail_fraction))
 
 
 def obs_keys(env: EnvConfig) -> tuple[str, ...]:
@@ -263,7 +267,7 @@ def create_or_extend(root: Path, meta: DatasetMetadata) -> None:
             raise DatasetError(
                 f"{root} holds a dataset made with other parameters: refusing to extend it.\n"
                 f"  existing: {old.to_dict()}\n  requested: {meta.to_dict()}\n"
-                f"choose another root or the same env parameters, seed and noise_std"
+                f"choose another root or the same env parameters, seed, noise_std and fail_fraction"
             )
         if old.rollouts_per_task >= meta.rollouts_per_task:
             open_progress(root, old)
