@@ -84,8 +84,6 @@ class LatentCQLModule(pl.LightningModule):
             Not called ``batch_size``: the DataModule's ``batch_size`` (meta-trajectories) shares the hparams namespace.
         belief_cache_batches, refresh_every: optional belief cache (0 = off), see the module docstring.
         normalize_beliefs, belief_min_std: standardise beliefs with first-batch statistics.
-        frame_embedding: the networks also read the filter's embedding of the current observation and reward
-            (:attr:`BeliefFilter.with_embedding`): the frame's detail beside its summary in the belief.
         filter_spec: internal, set by :meth:`load_phase2`: build the filter from these constructor arguments instead
             of reading ``filter_checkpoint`` (its weights then come from the phase-2 state dict).
     """
@@ -125,7 +123,6 @@ class LatentCQLModule(pl.LightningModule):
         refresh_every: int = 1,
         normalize_beliefs: bool = True,
         belief_min_std: float = 1e-3,
-        frame_embedding: bool = False,
         filter_spec: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -142,7 +139,6 @@ class LatentCQLModule(pl.LightningModule):
         self.automatic_optimization = False
         self.filter.requires_grad_(False)
         self.filter.eval()
-        self.filter.with_embedding = bool(frame_embedding)
         belief_dim, action_dim = self.filter.belief_dim, self.filter.action_dim
         self.normalizer = BeliefNormalizer(belief_dim, enabled=normalize_beliefs, min_std=belief_min_std)
         actor = make_actor(belief_dim, action_dim, hidden_dim, num_layers, activation)

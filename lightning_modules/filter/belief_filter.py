@@ -12,8 +12,6 @@ Contract (the time alignment is in :mod:`lightning_modules.filter.rssm`):
   feeding a batch's sequence through ``step`` reproduces ``beliefs(batch)``.
 * ``obs_keys``, ``action_dim``, ``image_size``, ``num_tasks``, ``belief_dim``; ``check_batch`` / ``check_data``:
   the one data-compatibility check that both phases use.
-* ``with_embedding`` (phase 2's choice, not a constructor argument; default off): every belief also holds the
-  encoder's embedding of the current (o_t, r_t), the frame's detail that the posterior summarises.
 """
 
 from __future__ import annotations
@@ -56,7 +54,6 @@ class BeliefFilter(nn.Module):
                            reward_embed_dim=int(reward_embed_dim), min_std=float(min_std),
                            normalize_state=bool(normalize_state))
         self.register_buffer("state_stats_ready", torch.tensor(False))
-        self.with_embedding = False  # beliefs also hold the embedding of (o_t, r_t); set by phase 2
 
     # ------------------------------------------------------------------ description
     @property
@@ -65,7 +62,7 @@ class BeliefFilter(nn.Module):
 
     @property
     def belief_dim(self) -> int:
-        return self.rssm.belief_dim + (self.rssm.embed_dim if self.with_embedding else 0)
+        return self.rssm.belief_dim
 
     @property
     def action_dim(self) -> int:
@@ -206,15 +203,12 @@ class BeliefFilter(nn.Module):
 
     # ------------------------------------------------------------------ filtering
     def run(self, batch: TensorDictBase, sample: bool, step_fn=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The filter over a batch [B, L]: the pass of :meth:`RewardRSSM.filter` (plus its input ``embedding``)
-        and the reward input r_t."""
+        """The filter over a batch [B, L]: the pass of :meth:`RewardRSSM.filter` and the reward input r_t."""
         obs = {k: batch[k] for k in self.obs_keys}
         reward_in = shift_right(batch[REWARD].float())  # r_t: the reward that arrived with o_t
         prev_action = shift_right(batch[ACTION].float())  # a_{t-1}
         embedding = self.rssm.embed(obs, reward_in)
-        out = self.rssm.filter(embedding, prev_action, sample=sample, step_fn=step_fn)
-        out["embedding"] = embedding
-        return out, reward_in
+        return self.rssm.filter(embedding, prev_action, sample=sample, step_fn=step_fn), reward_in
 
     @torch.no_grad()
     def beliefs(self, batch: TensorDictBase) -> torch.Tensor:
@@ -226,8 +220,7 @@ class BeliefFilter(nn.Module):
             self.check_batch(batch)
             with torch.autocast(device_type=self.device.type, enabled=False):  # fp32, like step()
                 out = self.run(batch, sample=False)[0]
-            return self.rssm.belief(out["post_mean"], out["post_std"], out["deter"],
-                                    out["embedding"] if self.with_embedding else None)
+            return self.rssm.belief(out["post_mean"], out["post_std"], out["deter"])
         finally:
             self.train(was_training)
 
@@ -242,4 +235,4 @@ class BeliefFilter(nn.Module):
         device = self.device
         obs = {k: obs[k].to(device) for k in self.obs_keys}
         with torch.autocast(device_type=device.type, enabled=False):
-            return self.rssm.step(state, obs, action.to(device), reward.to(device), self.with_embedding)
+            return self.rssm.step(state, obs, action.to(device), reward.to(device))

@@ -278,18 +278,16 @@ class RewardRSSM(nn.Module):
         return result
 
     def step(self, state: FilterState, obs: dict[str, torch.Tensor], action: torch.Tensor,
-             reward: torch.Tensor, with_embedding: bool = False) -> tuple[torch.Tensor, FilterState]:
+             reward: torch.Tensor) -> tuple[torch.Tensor, FilterState]:
         """One online step: ``obs`` = o_t, ``action`` = a_{t-1}, ``reward`` = r_t (both zeros at the start).
 
-        Returns the belief [B, belief_dim] (with the embedding of (o_t, r_t) appended when ``with_embedding``)
-        and the new state (the posterior mean is fed forward).
+        Returns the belief [B, belief_dim] and the new state (the posterior mean is fed forward).
         """
         reward = reward.reshape(-1, 1).float()
         embedding = self.embed(obs, reward)
         action_in, embed_in = self.input_projections(embedding, action.float())
         deter, mean, std = self.cell(state["deter"], state["stoch"], action_in, embed_in)
-        return (self.belief(mean, std, deter, embedding if with_embedding else None),
-                {"deter": deter, "stoch": mean})
+        return self.belief(mean, std, deter), {"deter": deter, "stoch": mean}
 
     def imagine(self, state: FilterState, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Open-loop prior rollout from ``state`` (h_t, s_t) under actions [B, N, A] (a_t .. a_{t+N-1}).
@@ -306,11 +304,9 @@ class RewardRSSM(nn.Module):
         return {"deter": torch.stack(out_d, 1), "stoch": torch.stack(out_z, 1)}
 
     @staticmethod
-    def belief(post_mean: torch.Tensor, post_std: torch.Tensor, deter: torch.Tensor,
-               embedding: torch.Tensor | None = None) -> torch.Tensor:
-        """The phase-2 belief: [posterior mean, posterior variance, deterministic state (, embedding of o_t, r_t)]."""
-        parts = [post_mean.float(), post_std.float().square(), deter.float()]
-        return torch.cat(parts + ([embedding.float()] if embedding is not None else []), -1)
+    def belief(post_mean: torch.Tensor, post_std: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+        """The phase-2 belief: [posterior mean, posterior variance, deterministic state]."""
+        return torch.cat([post_mean.float(), post_std.float().square(), deter.float()], -1)
 
     @staticmethod
     def features(stoch: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
