@@ -271,21 +271,6 @@ def test_checkpoint_round_trip(filter_ckpt, tiny_state_dataset, tmp_path, batch)
                                model.loss_module.target_qvalue_network_params.flatten_keys().to_dict())
 
 
-def test_frame_embedding_widens_the_networks_and_survives_a_reload(filter_ckpt, tiny_state_dataset, tmp_path, batch):
-    model = _model(filter_ckpt, frame_embedding=True)
-    rssm = model.filter.rssm
-    assert model.filter.belief_dim == rssm.belief_dim + rssm.embed_dim == model.normalizer.mean.shape[-1]
-    trainer = make_trainer(tmp_path, max_steps=2)
-    trainer.fit(model, datamodule=make_datamodule(tiny_state_dataset))
-    path = tmp_path / "phase2.ckpt"
-    trainer.save_checkpoint(path)
-    restored = LatentCQLModule.load_phase2(path)
-    assert restored.filter.with_embedding and not _model(filter_ckpt).filter.with_embedding
-    beliefs = restored.compute_beliefs(batch)
-    torch.testing.assert_close(beliefs, model.compute_beliefs(batch))
-    torch.testing.assert_close(restored.act(beliefs[:, :5]), model.act(beliefs[:, :5]))
-
-
 def test_resume_with_ckpt_path(filter_ckpt, tiny_state_dataset, tmp_path):
     model = _model(filter_ckpt)
     trainer = make_trainer(tmp_path, max_steps=2)

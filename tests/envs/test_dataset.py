@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.collect import collect_dataset, load_config, main
+from envs.collect import collect_dataset, is_failed_attempt, load_config, main, rollout_seed
 from envs.dataset import DatasetError, open_dataset, progress_path
 from envs.two_drawers import EnvConfig
 
@@ -92,8 +92,35 @@ def test_extend_keeps_rollouts_and_refuses_other_params(tmp_path):
         collect_dataset(tmp_path / "ds", EnvConfig(obs_mode="state", episode_length=20), rollouts_per_task=6, progress=False)
     with pytest.raises(DatasetError, match="other parameters"):
         collect_dataset(tmp_path / "ds", env, rollouts_per_task=6, seed=1, progress=False)
+    with pytest.raises(DatasetError, match="other parameters"):
+        collect_dataset(tmp_path / "ds", env, rollouts_per_task=6, fail_fraction=0.5, progress=False)
     assert (tmp_path / "ds" / "metadata.json").read_text() == before
     _assert_same(open_dataset(tmp_path / "ds"), big)
+
+
+def test_failed_attempts_open_nothing_and_leave_the_other_rollouts_unchanged(tmp_path):
+    """``fail_fraction``: the drawn share of rollouts pull above the handle (no reward, every drawer shut, real
+    physics); every other rollout is the one collected without the option; the metadata keeps the share."""
+    env = EnvConfig(obs_mode="state", episode_length=40)
+    plain = collect_dataset(tmp_path / "plain", env, rollouts_per_task=8, progress=False)
+    mixed = collect_dataset(tmp_path / "mixed", env, rollouts_per_task=8, fail_fraction=0.5, progress=False)
+    assert mixed.metadata.fail_fraction == 0.5 and plain.metadata.fail_fraction == 0.0
+    failed = 0
+    for task in range(2):
+        for index in range(8):
+            is_failed = is_failed_attempt(rollout_seed(0, task, index), 0.5)
+            got, ref = mixed.buffers[task][index], plain.buffers[task][index]
+            if is_failed:
+                failed += 1
+                assert got["next", "reward"].sum() == 0 and not got["next", "success"].any()
+                openings = got["state"][:, -2:]  # the drawers' openings end the state vector
+                assert openings.abs().max() < 0.01, openings.abs().max()
+            else:
+                assert torch.equal(got["action"], ref["action"]) and torch.equal(got["state"], ref["state"])
+    assert 3 <= failed <= 13  # a share of about one half of the 16 rollouts
+    assert not any(is_failed_attempt(rollout_seed(0, 0, i), 0.0) for i in range(100))
+    with pytest.raises(ValueError, match="fail_fraction"):
+        collect_dataset(tmp_path / "bad", env, rollouts_per_task=1, fail_fraction=1.5, progress=False)
 
 
 def test_corrupt_and_missing_datasets_are_named(tmp_path, tiny_state_dataset):

@@ -264,23 +264,6 @@ def test_stepwise_api_matches_beliefs(obs_keys, state_batch, pixel_batch):
     torch.testing.assert_close(_stepwise(model, batch), model.beliefs(batch), rtol=0, atol=1e-5)
 
 
-def test_beliefs_with_the_frame_embedding(pixel_batch):
-    """``with_embedding`` (phase 2's ``frame_embedding``) appends the encoder's embedding of (o_t, r_t): the belief
-    part is unchanged, the appended part is the embedding, and the online steps reproduce it."""
-    torch.manual_seed(0)
-    model = VariationalFilterModule(obs_keys=["pixels"], image_size=32, **SMALL)
-    plain = model.beliefs(pixel_batch)
-    model.filter.with_embedding = True
-    rssm = model.filter.rssm
-    assert model.filter.belief_dim == rssm.belief_dim + rssm.embed_dim
-    both = model.beliefs(pixel_batch)
-    assert both.shape[-1] == model.filter.belief_dim
-    torch.testing.assert_close(both[..., : rssm.belief_dim], plain, rtol=0, atol=0)
-    out, _ = model.filter.run(pixel_batch, sample=False)
-    torch.testing.assert_close(both[..., rssm.belief_dim:], out["embedding"], rtol=0, atol=0)
-    torch.testing.assert_close(_stepwise(model, pixel_batch), both, rtol=0, atol=1e-5)
-
-
 # ---------------------------------------------------------------------- Trainer: checkpoints, precision, checks
 def test_checkpoint_round_trip(tmp_path, tiny_state_dataset, state_batch):
     from lightning.pytorch.callbacks import ModelCheckpoint
