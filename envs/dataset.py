@@ -78,7 +78,8 @@ class DatasetMetadata:
             "rollouts_per_task": self.rollouts_per_task,
             "seed": self.seed,
             "noise_std": self.noise_std,
-            "fail_fraction": self.fail_fraction,
+            # written only when used: the metadata of datasets without failed attempts stays as it was
+            **({"fail_fraction": self.fail_fraction} if self.fail_fraction else {}),
         }
 
     @classmethod

@@ -105,6 +105,7 @@ def test_failed_attempts_open_nothing_and_leave_the_other_rollouts_unchanged(tmp
     plain = collect_dataset(tmp_path / "plain", env, rollouts_per_task=8, progress=False)
     mixed = collect_dataset(tmp_path / "mixed", env, rollouts_per_task=8, fail_fraction=0.5, progress=False)
     assert mixed.metadata.fail_fraction == 0.5 and plain.metadata.fail_fraction == 0.0
+    assert "fail_fraction" not in json.loads((tmp_path / "plain" / "metadata.json").read_text())  # as before the option
     failed = 0
     for task in range(2):
         for index in range(8):
