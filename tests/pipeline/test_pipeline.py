@@ -185,6 +185,7 @@ def test_pixels_preset_tiny(tmp_path):
     assert "--config configs/filter_quickstart.yaml --config configs/pixels/filter.yaml" in run.stdout
     meta = json.loads((data / "metadata.json").read_text())
     assert meta["env"]["obs_mode"] == "pixels" and meta["env"]["image_size"] == 32
+    assert meta["fail_fraction"] == 0.15  # the preset's failed attempts
     ckpt = torch.load(out / "filters" / "synthetic" / "seed_0" / "checkpoints" / "last.ckpt", weights_only=False)
     spec = ckpt["belief_filter"]["kwargs"]
     assert spec["obs_keys"] == ["pixels"] and spec["image_size"] == 32 and spec["cnn_depth"] == 16
