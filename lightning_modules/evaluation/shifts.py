@@ -7,6 +7,8 @@ state observations). ``python -m lightning_modules.evaluate --shift NAME`` evalu
 
 Shifts are relative to the data's conditions: the hand start of the data is the nominal start +- ``hand_jitter`` per
 axis, moved by up to ``hand_offset[1]`` horizontally; ``hand_start`` starts it 4 cm beyond that in every trial (8 cm: ``hand_start_far``).
+``hand_start_10cm`` / ``hand_start_14cm`` are fixed poses instead, whatever the data covered: the hand starts 10 / 14 cm
+from the nominal start (for the quickstart's data before 2026-12-04, up to 6 cm, the same as ``hand_start`` / ``_far``).
 The scripted policies' actions carry Gaussian noise of std ``noise_std`` in the data; the arm's speed varies by
 ``action_scale_jitter`` between the data's rollouts. The scripted openers succeed under every shift here (see
 docs/RESULTS.md, "Robustness"), so a failure under a shift is the learnt policy's. ``lighting``, ``colours`` and
@@ -48,6 +50,10 @@ SHIFTS: dict[str, Shift] = {s.name: s for s in (
           env={"hand_offset": lambda base: _further(base, 0.04)}),
     Shift("hand_start_far", "hand starts 8 cm beyond the data's farthest start (random horizontal direction)",
           env={"hand_offset": lambda base: _further(base, 0.08)}),
+    Shift("hand_start_10cm", "hand starts 10 cm from the nominal start (random horizontal direction), whatever the data covered",
+          env={"hand_offset": (0.10, 0.10)}),
+    Shift("hand_start_14cm", "hand starts 14 cm from the nominal start (random horizontal direction), whatever the data covered",
+          env={"hand_offset": (0.14, 0.14)}),
     Shift("action_noise", "Gaussian noise of std 0.3 on every executed action (actuation noise)", action_noise=0.3),
     Shift("obs_noise", "Gaussian noise of std 1 cm on the state observation (sensor noise)", obs_noise=0.01),
     Shift("slow_arm", "the arm moves 25% less per action (weaker controller: action_scale x 0.75)",

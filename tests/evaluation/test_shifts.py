@@ -70,6 +70,9 @@ def test_shift_registry_and_env_changes():
     assert slow.action_scale == pytest.approx(0.75 * STATE_ENV.action_scale) and slow.obs_mode == "state"
     wide = EnvConfig(obs_mode="state", hand_offset=(0.0, 0.1), action_scale_jitter=0.3)  # data with varied starts
     assert SHIFTS["hand_start"].env_config(wide).hand_offset == pytest.approx((0.14, 0.14))  # beyond the data's
+    for base in (STATE_ENV, wide):  # fixed poses, whatever the data covered
+        assert SHIFTS["hand_start_10cm"].env_config(base).hand_offset == pytest.approx((0.10, 0.10))
+        assert SHIFTS["hand_start_14cm"].env_config(base).hand_offset == pytest.approx((0.14, 0.14))
     assert SHIFTS["slow_arm"].env_config(wide).action_scale_jitter == 0.0
     with pytest.raises(ValueError, match="hand_offset"):
         EnvConfig(hand_offset=(0.1, 0.0))
