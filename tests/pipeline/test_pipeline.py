@@ -76,6 +76,40 @@ def test_pipeline_all_methods_tiny_then_notebook(tmp_path):
     assert "| Ours |" in printed and "| No CQL |" in printed
 
 
+def test_jobs_run_the_seeds_in_lanes(tmp_path):
+    """--jobs 2: the data stage first, then each seed's chain in its own single-threaded lane, its commands' output in
+    <out>/logs/seed_<k>.log; the same stages and results as one after another (a second run finds them done)."""
+    from lightning_modules.lanes import lane_env, lanes_of
+    from lightning_modules.pipeline import plan
+
+    stages = plan("quickstart", ["ours", "no_cql"], [0, 1], tmp_path / "planned", 2, 2, [], [])
+    first, chains = lanes_of(stages)
+    assert [s.name for s in first] == ["data"] and sorted(chains) == [0, 1]
+    assert [s.name for s in chains[1]] == ["phase 1 (synthetic, seed 1)", "phase 2 (ours, seed 1)",
+                                           "evaluation (ours, seed 1)", "phase 2 (no_cql, seed 1)",
+                                           "evaluation (no_cql, seed 1)"]
+    assert lane_env(2)["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+
+    overlay = tmp_path / "tiny_phase2.yaml"
+    overlay.write_text(TINY_PHASE2)
+    out, data = tmp_path / "out", tmp_path / "data"
+    cmd = [sys.executable, "-m", "lightning_modules.pipeline", "--seeds", "0", "1", "--jobs", "2",
+           "--out", str(out), "--data-root", str(data), "--data-args", "rollouts_per_task=4 env.episode_length=10",
+           "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
+           "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "2", "--episodes", "2"]
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 lane(s), 2 at a time" in run.stdout
+    for seed in (0, 1):
+        log = (out / "logs" / f"seed_{seed}.log").read_text()
+        assert f"=== phase 2 (ours, seed {seed})" in log and "lightning fit" in log
+        results = json.loads((out / "ours" / f"seed_{seed}" / "eval_results.json").read_text())
+        assert len(results["evaluations"][-1]["summary"]["success_per_episode"]) == 2
+    assert "| Ours |" in (out / "results.md").read_text()
+    again = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already") == 6  # 2 x (filter, phase 2, evaluation)
+
+
 def test_paper_configs_at_tiny_scale(tmp_path, tiny_pixel_dataset):
     """configs/filter_paper.yaml and configs/cql_paper.yaml through the console script on 32 px pixels, CPU."""
     root = str(tiny_pixel_dataset.root)
