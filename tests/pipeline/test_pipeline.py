@@ -36,14 +36,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_pipeline_all_methods_tiny_then_notebook(tmp_path):
+def _tiny_pipeline(tmp_path: Path, *options: str) -> tuple[list[str], Path]:
+    """The main job at tiny scale (4 rollouts of 10 steps, 2 filter steps, the tiny phase 2, 2 trials of 2 episodes)
+    with ``options``, and its --out."""
     overlay = tmp_path / "tiny_phase2.yaml"
     overlay.write_text(TINY_PHASE2)
     out, data = tmp_path / "out", tmp_path / "data"
-    cmd = [sys.executable, "-m", "lightning_modules.pipeline", "--methods", "ours", "no_expl", "no_cql",
-           "--out", str(out), "--data-root", str(data), "--data-args", "rollouts_per_task=4 env.episode_length=10",
-           "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
-           "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "2", "--episodes", "2"]
+    return [sys.executable, "-m", "lightning_modules.pipeline", *options,
+            "--out", str(out), "--data-root", str(data), "--data-args", "rollouts_per_task=4 env.episode_length=10",
+            "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
+            "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "2", "--episodes", "2"], out
+
+
+def test_pipeline_all_methods_tiny_then_notebook(tmp_path):
+    cmd, out = _tiny_pipeline(tmp_path, "--methods", "ours", "no_expl", "no_cql")
     run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "$ lightning fit --config configs/filter_quickstart.yaml --config configs/ablations/no_expl.yaml" in run.stdout
@@ -90,13 +96,7 @@ def test_jobs_run_the_seeds_in_lanes(tmp_path):
                                            "evaluation (no_cql, seed 1)"]
     assert lane_env(2)["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
 
-    overlay = tmp_path / "tiny_phase2.yaml"
-    overlay.write_text(TINY_PHASE2)
-    out, data = tmp_path / "out", tmp_path / "data"
-    cmd = [sys.executable, "-m", "lightning_modules.pipeline", "--seeds", "0", "1", "--jobs", "2",
-           "--out", str(out), "--data-root", str(data), "--data-args", "rollouts_per_task=4 env.episode_length=10",
-           "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
-           "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "2", "--episodes", "2"]
+    cmd, out = _tiny_pipeline(tmp_path, "--seeds", "0", "1", "--jobs", "2")
     run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 lane(s), 2 at a time" in run.stdout
