@@ -37,7 +37,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(online interaction; reported separately, labelled)")
     p.add_argument("--max-stages", type=int, default=None, help="run at most this many unfinished stages, then stop")
     p.add_argument("--jobs", type=int, default=1, help="run the seeds side by side in this many lanes, each with "
-                   "cores // jobs torch threads (2 on 2 cores: ~1.7x the work per hour; lightning_modules/lanes.py)")
+                   "cores // jobs torch threads (lightning_modules/lanes.py; on 2 cores, --jobs 2 ran two drawers3 "
+                   "seeds in 34 min, one alone took 53: docs/RESULTS.md)")
     args = p.parse_args(argv)
     return run_command(lambda: _run(args))
 

@@ -193,7 +193,9 @@ def test_evaluate_checks_arguments_before_any_trial(tmp_path, args, named):
 
 @pytest.mark.parametrize("args, named", [(["--trials", "0"], "--trials and --episodes must be >= 1"),
                                          (["--phase1-args", '"--trainer.max_steps 5'], "--phase1-args"),
-                                         (["--seeds", "0", "0"], "--seeds must be distinct")])
+                                         (["--seeds", "0", "0"], "--seeds must be distinct"),
+                                         (["--jobs", "0"], "--jobs must be >= 1"),
+                                         (["--jobs", "2", "--max-stages", "1"], "1 with --max-stages")])
 def test_pipeline_checks_arguments_before_any_stage(tmp_path, args, named):
     result = command(sys.executable, "-m", "lightning_modules.pipeline", "--out", str(tmp_path / "out"), *args)
     assert_named(result, named)
