@@ -57,6 +57,11 @@ PRESETS = {  # preset -> its data config and the configs of each phase (later on
     "drawers3": dict(data="configs/collect/drawers3_state.yaml",
                      filter=["configs/filter_quickstart.yaml", "configs/drawers3/filter.yaml"],
                      cql=["configs/cql_quickstart.yaml", "configs/drawers3/cql.yaml"]),
+    "drawers3_pixels": dict(data="configs/collect/drawers3_pixels.yaml",
+                            filter=["configs/filter_quickstart.yaml", "configs/pixels/filter.yaml",
+                                    "configs/drawers3_pixels/filter.yaml"],
+                            cql=["configs/cql_quickstart.yaml", "configs/drawers3/cql.yaml",
+                                 "configs/drawers3_pixels/cql.yaml"]),
 }
 METHODS = {  # method -> (data mode of both phases, overlays of phase 1, overlays of phase 2)
     "ours": ("synthetic", [], []),
