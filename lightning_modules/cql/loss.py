@@ -5,7 +5,8 @@
 ``loss_actor`` and ``loss_bc``; ``log_alpha``: ``loss_alpha``; ``log_alpha_prime``: ``loss_alpha_prime``).
 
 ``bc_weight > 0`` adds ``loss_bc = bc_weight * mean ||tanh(loc(b)) - a_data||^2`` to the actor (TD3+BC's
-regulariser, on the policy's deterministic action): it keeps the actor near actions the data contains.
+regulariser, on the policy's deterministic action): it keeps the actor near actions the data contains. When the
+transitions carry ``bc_mask`` (``transitions.BC_MASK``), the term is the mean over the transitions marked 1 only.
 
 ``with_lagrange=True`` tunes the conservative weight with a Lagrange multiplier, but NOT through TorchRL's
 ``alpha_prime_loss``: that term is computed from the undetached conservative gap, so summing it into the loss
@@ -25,6 +26,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import CQLLoss
 
 from envs.keys import ACTION
+from lightning_modules.cql.transitions import BC_MASK
 
 LOSS_TERMS = ("loss_qvalue", "loss_cql", "loss_actor", "loss_alpha")  # logged under losses/
 LAGRANGE_TERM = "loss_alpha_prime"
@@ -97,9 +99,15 @@ class LatentCQLLoss(CQLLoss):
         return TensorDict(out, batch_size=[])
 
     def bc_loss(self, tensordict: TensorDictBase) -> torch.Tensor:
-        """Mean squared distance between the actor's deterministic action and the data's action (actor only)."""
+        """Mean squared distance between the actor's deterministic action and the data's action (actor only), over
+        the transitions whose ``bc_mask`` is 1 when the input has one."""
         td = tensordict.select(*self.actor_network.in_keys, strict=False).copy()
         with set_exploration_type(ExplorationType.DETERMINISTIC), \
                 self.actor_network_params.to_module(self.actor_network):
             action = self.actor_network(td)[ACTION]
-        return (action - tensordict[ACTION].detach()).pow(2).sum(-1).mean()
+        sq = (action - tensordict[ACTION].detach()).pow(2).sum(-1)
+        mask = tensordict.get(BC_MASK, None)
+        if mask is None:
+            return sq.mean()
+        mask = mask.reshape(sq.shape).to(sq.dtype)
+        return (sq * mask).sum() / mask.sum().clamp(min=1.0)  # the mean over the kept transitions (0 if none)

@@ -7,6 +7,9 @@ A data batch [B, L] becomes beliefs ``b_0..b_{L-1}`` (the frozen filter); transi
 with ``done = terminated = False`` everywhere: a segment boundary inside a meta-trajectory is not terminal (the
 belief carries over, the value of what was learnt in one episode flows into the next), and the last step of a
 sequence, which has no successor, is dropped. ``n_step = n`` bootstraps n logged steps on (discounted reward sum).
+
+:func:`identified_mask` marks the steps whose action the behaviour-cloning term may imitate with
+``bc_filter="identified"``: those of a rewarded segment whose target the earlier segments already identify.
 """
 
 from __future__ import annotations
@@ -16,14 +19,43 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from envs.keys import ACTION, DONE, REWARD, TERMINATED
+from envs.keys import ACTION, DONE, REWARD, SEGMENT, TARGET_TASK, TASK, TERMINATED
 from lightning_modules.cql.networks import BELIEF
 
-CACHE_FIELDS = ("belief", "action", "reward")
+BC_MASK = "bc_mask"  # 1 where the behaviour-cloning term imitates the transition's action (bc_filter)
+CACHE_FIELDS = ("belief", "action", "reward", BC_MASK)
+BC_FILTERS = ("all", "identified")
+
+
+def identified_mask(batch: TensorDict, num_tasks: int) -> torch.Tensor:
+    """[B, L, 1] float: 1 on the steps of a segment that is rewarded (its rollout opened the target drawer) and
+    whose target the segments before it identify: an earlier rewarded segment, or ``num_tasks - 1`` distinct
+    other tasks tried before (each unrewarded: not the target). The data's actions there execute the right drawer
+    from a belief that can know it; elsewhere the data's drawer is a guess. Uses only the data's own labels
+    (task of each segment, the drawn target, the relabelled reward), never online interaction."""
+    task, target, segment = batch[TASK].long(), batch[TARGET_TASK].long(), batch[SEGMENT].long()
+    reward = batch[REWARD].reshape(task.shape).float()
+    B, L = task.shape
+    K = int(segment.max()) + 1
+    seg_index = segment.clamp(min=0)
+    seg_rewarded = torch.zeros(B, K, device=task.device).scatter_reduce(1, seg_index, reward, "amax") > 0
+    seg_task = torch.zeros(B, K, dtype=torch.long, device=task.device).scatter_reduce(1, seg_index, task, "amax")
+    seg_target = target[:, :1].expand(B, K)
+    tried_other = torch.zeros(B, num_tasks, dtype=torch.bool, device=task.device)
+    found = torch.zeros(B, dtype=torch.bool, device=task.device)
+    known = torch.zeros(B, K, dtype=torch.bool, device=task.device)
+    for k in range(K):  # K is small (the segments of a meta-trajectory)
+        known[:, k] = found | (tried_other.sum(-1) >= num_tasks - 1)
+        found = found | seg_rewarded[:, k]
+        other = seg_task[:, k] != seg_target[:, k]
+        tried_other[other, seg_task[other, k]] = True
+    keep = known & seg_rewarded
+    return keep.gather(1, seg_index).float().unsqueeze(-1)
 
 
 def flat_transitions(beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                     index: torch.Tensor | None = None, n_step: int = 1, gamma: float = 1.0) -> TensorDict:
+                     index: torch.Tensor | None = None, n_step: int = 1, gamma: float = 1.0,
+                     bc_mask: torch.Tensor | None = None) -> TensorDict:
     """Transitions from sequences [B, L, ...] as a flat TensorDict (beliefs raw, not standardised).
 
     ``n_step = 1``: (b_t, a_t, r_{t+1}, b_{t+1}) for t < L-1. ``n_step = n``: (b_t, a_t, R, b_{t+n}) with the
@@ -44,8 +76,11 @@ def flat_transitions(beliefs: torch.Tensor, actions: torch.Tensor, rewards: torc
     window = rewards[row[:, None], t[:, None] + steps].reshape(len(index), n_step).float()
     r = (window * discounts).sum(-1, keepdim=True)
     false = torch.zeros(b.shape[0], 1, dtype=torch.bool, device=b.device)
-    return TensorDict({BELIEF: b, ACTION: a.float(), REWARD: r.float(), DONE: false, TERMINATED: false.clone(),
-                       ("next", BELIEF): nb}, batch_size=[b.shape[0]], device=b.device)
+    out = TensorDict({BELIEF: b, ACTION: a.float(), REWARD: r.float(), DONE: false, TERMINATED: false.clone(),
+                      ("next", BELIEF): nb}, batch_size=[b.shape[0]], device=b.device)
+    if bc_mask is not None:
+        out[BC_MASK] = bc_mask[row, t].float()
+    return out
 
 
 def random_index(rows: int, length: int, n_step: int, count: int, device: torch.device | str) -> torch.Tensor:
@@ -79,19 +114,21 @@ class BeliefCache:
         """Forget the buffer (kept: a pending restored state)."""
         self.data, self.filled, self.next = None, 0, 0
 
-    def insert(self, beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> None:
-        """Add sequences [B, L, ...] (over the oldest ones once full)."""
+    def insert(self, beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
+               bc_mask: torch.Tensor | None = None) -> None:
+        """Add sequences [B, L, ...] (over the oldest ones once full); ``bc_mask`` [B, L, 1] defaults to ones."""
         B, L = beliefs.shape[:2]
         capacity = self.batches * B
         if self.data is None or self.capacity != capacity or self.data["belief"].shape[1:] != beliefs.shape[1:]:
             self.data = {"belief": beliefs.new_zeros(capacity, L, beliefs.shape[-1]),
                          "action": beliefs.new_zeros(capacity, L, actions.shape[-1]),
-                         "reward": beliefs.new_zeros(capacity, L, 1)}
+                         "reward": beliefs.new_zeros(capacity, L, 1), BC_MASK: beliefs.new_ones(capacity, L, 1)}
             self.filled = self.next = 0
         rows = (torch.arange(B, device=beliefs.device) + self.next) % capacity
         self.data["belief"][rows] = beliefs
         self.data["action"][rows] = actions.to(beliefs.device).float()
         self.data["reward"][rows] = rewards.to(beliefs.device).float()
+        self.data[BC_MASK][rows] = 1.0 if bc_mask is None else bc_mask.to(beliefs.device).float()
         self.next = (self.next + B) % capacity
         self.filled = min(capacity, self.filled + B)
 
@@ -99,12 +136,16 @@ class BeliefCache:
         """``count`` random transitions from the filled part of the cache."""
         data, rows = self.data, self.filled
         index = random_index(rows, data["belief"].shape[1], n_step, count, data["belief"].device)
-        return flat_transitions(data["belief"][:rows], data["action"][:rows], data["reward"][:rows], index, n_step, gamma)
+        return flat_transitions(data["belief"][:rows], data["action"][:rows], data["reward"][:rows], index, n_step, gamma,
+                                data[BC_MASK][:rows])
 
     def materialize(self, device: torch.device | str) -> None:
         """Move a pending restored state onto ``device`` (no-op without one, or when a buffer exists)."""
         if self.data is None and self.pending is not None:
-            self.data = {k: self.pending[k].to(device) for k in CACHE_FIELDS}
+            pending = dict(self.pending)
+            if BC_MASK not in pending:  # a checkpoint written before the mask existed: every step kept
+                pending[BC_MASK] = torch.ones_like(pending["reward"])
+            self.data = {k: pending[k].to(device) for k in CACHE_FIELDS}
             self.filled, self.next = int(self.pending["filled"]), int(self.pending["next"])
             self.pending = None
 

@@ -203,6 +203,31 @@ def test_drawers3_preset_tiny(tmp_path):
     assert "search_fraction 0.5" in run.stdout and (out2 / "ours" / "seed_0" / "eval_results.json").exists()
 
 
+def test_drawers3_pixels_preset_tiny(tmp_path):
+    """Three drawers from pixels through the real CLI at tiny scale: the 3-drawer scene rendered at 32 px (pixels
+    only), the pixels filter with the drawers3 memory settings, 4-episode trials from rendered frames."""
+    overlay = tmp_path / "tiny_phase2.yaml"
+    overlay.write_text(TINY_PHASE2.replace("episodes: 2", "episodes: 4").replace("trials: 2", "trials: 3"))
+    out, data = tmp_path / "out", tmp_path / "data"
+    cmd = [sys.executable, "-m", "lightning_modules.pipeline", "--preset", "drawers3_pixels", "--methods", "ours",
+           "--out", str(out), "--data-root", str(data),
+           "--data-args", "rollouts_per_task=3 env.episode_length=10 workers=0",
+           "--phase1-args", f"--trainer.max_steps 2 --trainer.enable_model_summary false {TINY_DATA}",
+           "--phase2-args", f"--config {overlay} {TINY_DATA}", "--trials", "3"]
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert ("--config configs/filter_quickstart.yaml --config configs/pixels/filter.yaml "
+            "--config configs/drawers3_pixels/filter.yaml") in run.stdout
+    meta = json.loads((data / "metadata.json").read_text())
+    assert meta["num_tasks"] == 3 and meta["env"]["num_drawers"] == 3
+    assert meta["env"]["obs_mode"] == "pixels" and meta["env"]["image_size"] == 32 and meta["fail_fraction"] == 0.15
+    ckpt = torch.load(out / "filters" / "synthetic" / "seed_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["belief_filter"]["kwargs"]["obs_keys"] == ["pixels"] and ckpt["hyper_parameters"]["beta"] == 10000.0
+    final = json.loads((out / "ours" / "seed_0" / "eval_results.json").read_text())["evaluations"][-1]
+    assert len(final["summary"]["success_per_episode"]) == 4 and final["summary"]["target_counts"] == [1, 1, 1]
+    assert all(len(t["opened"]) == 4 and set(t["opened"]) <= {-1, 0, 1, 2} for t in final["trials"])
+
+
 def test_pixels_preset_tiny(tmp_path):
     """The pixels preset through the real CLI at tiny scale: 32 px images only (no state stored or read), the
     filter reads pixels alone, phase 2 and the final evaluation run from rendered frames."""
