@@ -48,7 +48,7 @@ from lightning_modules.cql.loss import TOTAL, LatentCQLLoss
 from lightning_modules.cql.networks import BELIEF, BeliefNormalizer, make_actor, make_qvalue, move_distribution_kwargs
 from lightning_modules.cql.hparams import check_hparams
 from lightning_modules.cql.stabilizers import PolyakActor, lr_factor
-from lightning_modules.cql.transitions import BeliefCache, flat_transitions, identified_mask, random_index
+from lightning_modules.cql.transitions import BeliefCache, flat_transitions, bc_segment_mask, random_index
 from lightning_modules.filter.belief_filter import SPEC_KEY, BeliefFilter
 from lightning_modules.guards import PHASE_KEY, check_finite, check_phase, step_noise
 
@@ -79,8 +79,9 @@ class LatentCQLModule(pl.LightningModule):
         actor_polyak: act with a Polyak average of the actor (decay per update, e.g. 0.995; 0 = the actor itself),
             :class:`~lightning_modules.cql.stabilizers.PolyakActor`.
         bc_weight: behaviour-cloning term on the actor (TD3+BC style, 0 = off), :mod:`lightning_modules.cql.loss`.
-        bc_filter: which transitions it imitates: ``all``, or ``identified`` (the steps of rewarded segments whose
-            target the earlier segments identify, :func:`~lightning_modules.cql.transitions.identified_mask`).
+        bc_filter: which transitions it imitates: ``all``, ``identified`` (rewarded segments whose target the
+            earlier segments identify) or ``search`` (also those trying the drawer a systematic search tries
+            next): :func:`~lightning_modules.cql.transitions.bc_segment_mask`.
         hidden_dim, num_layers, activation: actor and critic MLPs.
         transition_batch_size: transitions per update (None = every transition of the data batch without a cache).
             Not called ``batch_size``: the DataModule's ``batch_size`` (meta-trajectories) shares the hparams namespace.
@@ -272,7 +273,7 @@ class LatentCQLModule(pl.LightningModule):
         """The behaviour-cloning mask [B, L, 1] of a data batch (``bc_filter``), None when every step is kept."""
         if self.hparams.bc_weight <= 0 or self.hparams.bc_filter == "all":
             return None
-        return identified_mask(batch, self.filter.num_tasks).to(self.device)
+        return bc_segment_mask(batch, self.filter.num_tasks, self.hparams.bc_filter).to(self.device)
 
     def compute_losses(self, transitions: TensorDictBase) -> TensorDict:
         """Every loss term, the diagnostics and the total ``loss`` for standardised transitions (input unchanged)."""

@@ -8,8 +8,9 @@ with ``done = terminated = False`` everywhere: a segment boundary inside a meta-
 belief carries over, the value of what was learnt in one episode flows into the next), and the last step of a
 sequence, which has no successor, is dropped. ``n_step = n`` bootstraps n logged steps on (discounted reward sum).
 
-:func:`identified_mask` marks the steps whose action the behaviour-cloning term may imitate with
-``bc_filter="identified"``: those of a rewarded segment whose target the earlier segments already identify.
+:func:`bc_segment_mask` marks the steps whose action the behaviour-cloning term imitates with ``bc_filter``
+``identified`` (rewarded segments whose target the earlier segments identify) or ``search`` (also the segments
+that try the drawer a systematic search tries next).
 """
 
 from __future__ import annotations
@@ -19,38 +20,49 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from envs.keys import ACTION, DONE, REWARD, SEGMENT, TARGET_TASK, TASK, TERMINATED
+from envs.keys import ACTION, DONE, ORIGINAL_REWARD, REWARD, SEGMENT, TARGET_TASK, TASK, TERMINATED
 from lightning_modules.cql.networks import BELIEF
 
 BC_MASK = "bc_mask"  # 1 where the behaviour-cloning term imitates the transition's action (bc_filter)
 CACHE_FIELDS = ("belief", "action", "reward", BC_MASK)
-BC_FILTERS = ("all", "identified")
+BC_FILTERS = ("all", "identified", "search")
 
 
-def identified_mask(batch: TensorDict, num_tasks: int) -> torch.Tensor:
-    """[B, L, 1] float: 1 on the steps of a segment that is rewarded (its rollout opened the target drawer) and
-    whose target the segments before it identify: an earlier rewarded segment, or ``num_tasks - 1`` distinct
-    other tasks tried before (each unrewarded: not the target). The data's actions there execute the right drawer
-    from a belief that can know it; elsewhere the data's drawer is a guess. Uses only the data's own labels
-    (task of each segment, the drawn target, the relabelled reward), never online interaction."""
+def bc_segment_mask(batch: TensorDict, num_tasks: int, rule: str = "identified") -> torch.Tensor:
+    """[B, L, 1] float: 1 on the steps of the segments whose actions the behaviour-cloning term imitates.
+
+    A segment counts only if its rollout opened its own drawer (the logged reward, ``ORIGINAL_REWARD``; a failed
+    attempt opens nothing). Walking the segments in order, what the belief can know is the target once a segment
+    was rewarded, else which drawers were opened without reward (not the target). ``identified``: the rewarded
+    segments whose target the segments before identify (an earlier rewarded segment, or ``num_tasks - 1`` other
+    drawers opened); elsewhere the data's drawer is a guess. ``search``: also the segments whose drawer is the one a
+    systematic search tries next (the lowest-index drawer not yet opened without reward) — so the actor imitates
+    one search, never a tie between equally likely drawers. Uses only the data's own labels (the task of each
+    segment, the drawn target, the rewards), never online interaction."""
     task, target, segment = batch[TASK].long(), batch[TARGET_TASK].long(), batch[SEGMENT].long()
     reward = batch[REWARD].reshape(task.shape).float()
-    B, L = task.shape
-    K = int(segment.max()) + 1
-    seg_index = segment.clamp(min=0)
-    seg_rewarded = torch.zeros(B, K, device=task.device).scatter_reduce(1, seg_index, reward, "amax") > 0
-    seg_task = torch.zeros(B, K, dtype=torch.long, device=task.device).scatter_reduce(1, seg_index, task, "amax")
-    seg_target = target[:, :1].expand(B, K)
-    tried_other = torch.zeros(B, num_tasks, dtype=torch.bool, device=task.device)
-    found = torch.zeros(B, dtype=torch.bool, device=task.device)
-    known = torch.zeros(B, K, dtype=torch.bool, device=task.device)
+    logged = batch.get(ORIGINAL_REWARD, None)
+    opened = torch.ones_like(reward) if logged is None else logged.reshape(task.shape).float()
+    B, K, dev = task.shape[0], int(segment.max()) + 1, task.device
+    seg = segment.clamp(min=0)
+    rewarded = torch.zeros(B, K, device=dev).scatter_reduce(1, seg, reward, "amax") > 0
+    did_open = torch.zeros(B, K, device=dev).scatter_reduce(1, seg, opened, "amax") > 0
+    seg_task = torch.zeros(B, K, dtype=torch.long, device=dev).scatter_reduce(1, seg, task, "amax")
+    failed = torch.zeros(B, num_tasks, dtype=torch.bool, device=dev)  # opened without reward: not the target
+    found = torch.full((B,), -1, dtype=torch.long, device=dev)       # the rewarded drawer, -1 until one is
+    keep = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)
     for k in range(K):  # K is small (the segments of a meta-trajectory)
-        known[:, k] = found | (tried_other.sum(-1) >= num_tasks - 1)
-        found = found | seg_rewarded[:, k]
-        other = seg_task[:, k] != seg_target[:, k]
-        tried_other[other, seg_task[other, k]] = True
-    keep = known & seg_rewarded
-    return keep.gather(1, seg_index).float().unsqueeze(-1)
+        known = (found >= 0) | (failed.sum(-1) >= num_tasks - 1)
+        if rule == "identified":
+            keep[:, k] = known & rewarded[:, k]
+        else:  # search: the found drawer, else the lowest-index drawer not yet failed
+            next_try = torch.where(found >= 0, found, (~failed).float().argmax(-1))
+            keep[:, k] = (seg_task[:, k] == next_try) & did_open[:, k]
+        found = torch.where((found < 0) & rewarded[:, k], seg_task[:, k], found)
+        miss = did_open[:, k] & ~rewarded[:, k]
+        failed[rows[miss], seg_task[miss, k]] = True
+    return keep.gather(1, seg).float().unsqueeze(-1)
 
 
 def flat_transitions(beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Phase 2's stabilisers: the Polyak-averaged acting actor, the cosine learning-rate decay, the BC term."""
+"""Phase 2's stabilisers: the Polyak-averaged acting actor, the cosine learning-rate decay, the BC term and its
+``identified`` filter."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from tensordict import TensorDict
 
 from lightning_modules.cql.module import LatentCQLModule
 from lightning_modules.cql.stabilizers import lr_factor
-from lightning_modules.cql.transitions import flat_transitions
+from envs.keys import ORIGINAL_REWARD, REWARD, SEGMENT, TARGET_TASK, TASK
+from lightning_modules.cql.transitions import BC_MASK, bc_segment_mask, flat_transitions
 from helpers import cpu_trainer, sample_batch, tiny_datamodule  # noqa: E402
 
 SMALL_CQL = dict(hidden_dim=32, transition_batch_size=64, num_random=4)
@@ -38,6 +40,7 @@ def test_lr_factor_cosine_and_constant():
 
 
 @pytest.mark.parametrize("bad, match", [(dict(actor_polyak=1.0), "actor_polyak"), (dict(bc_weight=-1.0), "bc_weight"),
+                                        (dict(bc_filter="rewarded"), "bc_filter"),
                                         (dict(lr_schedule="step"), "lr_schedule"), (dict(lr_final=2.0), "lr_final")])
 def test_bad_stabiliser_arguments_are_named(filter_ckpt, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -100,3 +103,75 @@ def test_trainer_decays_lr_and_checkpoint_restores_acting_actor(filter_ckpt, tin
     torch.testing.assert_close(_flat(TensorDict.from_module(loaded.acting_actor.actor)), _flat(acting))
     beliefs = torch.randn(3, model.filter.belief_dim)
     torch.testing.assert_close(loaded.act(beliefs), model.act(beliefs))
+
+
+def _meta(tasks: list[list[int]], target: int, steps: int = 2) -> TensorDict:
+    """Meta-trajectories of N = 3 tasks, ``steps`` per segment: every rollout opens its drawer (logged reward 1 on
+    its last step), the relabelled reward is that of the target's segments."""
+    task = torch.tensor(tasks).repeat_interleave(steps, dim=1)
+    B, L = task.shape
+    segment = torch.arange(L).div(steps, rounding_mode="floor").expand(B, L)
+    last = (torch.arange(L) % steps == steps - 1).expand(B, L)
+    logged = last.float().unsqueeze(-1).expand(B, L, 1).clone()
+    reward = logged * (task == target).float().unsqueeze(-1)
+    return TensorDict({TASK: task, TARGET_TASK: torch.full((B, L), target), SEGMENT: segment, REWARD: reward,
+                       ORIGINAL_REWARD: logged}, batch_size=[B, L])
+
+
+def test_bc_segment_mask_identified_and_search_rules():
+    batch = _meta([[1, 2, 0, 0],      # two distinct failures identify 0: segments 2 and 3 kept
+                   [0, 1, 0, 2],      # found in segment 0 (a guess, not kept): segment 2 kept
+                   [1, 1, 0, 0],      # one drawer failed twice: segment 2 is still a guess, segment 3 kept
+                   [2, 2, 2, 1]], target=0)
+    mask = bc_segment_mask(batch, num_tasks=3, rule="identified")[..., 0].reshape(4, 4, 2)
+    assert (mask == mask[..., :1]).all()  # whole segments
+    assert mask[..., 0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    # search: the found drawer, else the lowest-index drawer not failed yet (0 first, then 1, then 2)
+    search = _meta([[0, 0, 1, 2],     # 0 (next) fails, 0 again (not next: 1 is), 1 (next) fails, 2 (next) found
+                    [1, 2, 0, 0],     # 1 (a guess: 0 was next), 2 found by luck (not next), then 0: not 2
+                    [1, 0, 2, 0]], target=2)   # 1 guess, 0 next -> fails, 2 next -> found, 0 is not the found one
+    rows = bc_segment_mask(search, num_tasks=3, rule="search")[..., 0].reshape(3, 4, 2)[..., 0].tolist()
+    assert rows == [[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0]]
+    # a rollout that opened nothing (a failed attempt) neither counts nor identifies
+    failed = batch.clone()
+    failed[REWARD][0, 4:6] = 0.0
+    failed[ORIGINAL_REWARD][0, 4:6] = 0.0
+    assert bc_segment_mask(failed, num_tasks=3)[0, :, 0].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+
+
+def test_identified_mask_on_sampled_batches_is_inside_the_target_segments(tiny_state_dataset):
+    batch = sample_batch(tiny_state_dataset, batch_size=16, num_segments=3)
+    mask = bc_segment_mask(batch, num_tasks=2)[..., 0]
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert (batch[TASK][mask > 0] == batch[TARGET_TASK][mask > 0]).all()
+    assert (mask[batch[SEGMENT] == 0] == 0).all()  # nothing is known in the first segment
+
+
+def test_bc_term_with_identified_filter_imitates_only_the_masked_transitions(filter_ckpt, tiny_state_dataset):
+    model = _model(filter_ckpt, bc_weight=1.0, bc_filter="identified")
+    batch = sample_batch(tiny_state_dataset, batch_size=16, num_segments=3)
+    beliefs = model.compute_beliefs(batch)
+    model.normalizer.fit(beliefs)
+    mask = model.bc_mask(batch)
+    assert mask is not None and mask.shape == (*beliefs.shape[:2], 1)
+    td = model.normalize(flat_transitions(beliefs, batch["action"], batch["next", "reward"], bc_mask=mask))
+    full = model.loss_module.bc_loss(td.exclude(BC_MASK))
+    kept = td[BC_MASK][:, 0] > 0
+    masked = model.loss_module.bc_loss(td)
+    torch.testing.assert_close(masked, model.loss_module.bc_loss(td[kept].exclude(BC_MASK)))
+    assert kept.any() and not kept.all() and not torch.allclose(masked, full)
+    # with the "all" filter no mask is made, and the cache fills ones
+    assert _model(filter_ckpt, bc_weight=1.0).bc_mask(batch) is None
+
+
+def test_cache_state_written_before_the_mask_restores_with_every_step_kept():
+    from lightning_modules.cql.transitions import BeliefCache
+
+    cache = BeliefCache(2)
+    cache.insert(torch.randn(3, 5, 4), torch.randn(3, 5, 2), torch.rand(3, 5, 1))
+    old = {k: v for k, v in cache.state_dict().items() if k != BC_MASK}  # an older checkpoint's cache
+    restored = BeliefCache(2)
+    restored.load_state_dict(old)
+    restored.materialize("cpu")
+    td = restored.sample(8, 1, 0.9)
+    assert (td[BC_MASK] == 1).all() and restored.filled == 3
