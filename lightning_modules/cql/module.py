@@ -229,9 +229,9 @@ class LatentCQLModule(pl.LightningModule):
         return self.filter.beliefs(batch)
 
     def transitions(self, beliefs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
-                    index: torch.Tensor | None = None) -> TensorDict:
+                    index: torch.Tensor | None = None, bc_mask: torch.Tensor | None = None) -> TensorDict:
         """:func:`~lightning_modules.cql.transitions.flat_transitions` with this module's ``n_step`` and ``gamma``."""
-        return flat_transitions(beliefs, actions, rewards, index, self.hparams.n_step, self.hparams.gamma)
+        return flat_transitions(beliefs, actions, rewards, index, self.hparams.n_step, self.hparams.gamma, bc_mask)
 
     def normalize(self, td: TensorDictBase) -> TensorDictBase:
         """Standardise ``belief`` and ``("next", "belief")`` (a new TensorDict; the input is left as it is)."""
@@ -267,7 +267,7 @@ class LatentCQLModule(pl.LightningModule):
         B, L = beliefs.shape[:2]
         n = hp.transition_batch_size
         index = None if n is None else random_index(B, L, hp.n_step, n, beliefs.device)
-        return flat_transitions(beliefs, actions, rewards, index, hp.n_step, hp.gamma, self.bc_mask(batch))
+        return self.transitions(beliefs, actions, rewards, index, self.bc_mask(batch))
 
     def bc_mask(self, batch: TensorDictBase) -> torch.Tensor | None:
         """The behaviour-cloning mask [B, L, 1] of a data batch (``bc_filter``), None when every step is kept."""
