@@ -20,7 +20,7 @@ from envs.two_drawers import EnvConfig, state_dim
 
 SIZE = 32
 INFINITE_BOUNDS = r".*Box observation space (minimum|maximum) value is.*infinity"
-# the 3-drawer preset's start (configs/collect/drawers3_state.yaml): centred, 50 steps
+# the 3-drawer preset's start (configs/collect/drawers3_state.yaml): centred; 50 steps (the preset has 60: slack)
 PRESET = dict(num_drawers=3, hand_init=(0.0, 0.6, 0.2), episode_length=50)
 
 
