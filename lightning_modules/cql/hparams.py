@@ -35,8 +35,8 @@ def check_hparams(hp: Mapping[str, Any]) -> None:
         problems.append(f"actor_polyak must be in [0, 1), got {actor_polyak}")
     if bc_weight < 0:
         problems.append(f"bc_weight must be >= 0, got {bc_weight}")
-    if hp.get("bc_filter", "all") not in BC_FILTERS:
-        problems.append(f"bc_filter must be one of {BC_FILTERS}, got {hp.get('bc_filter')!r}")
+    if hp["bc_filter"] not in BC_FILTERS:
+        problems.append(f"bc_filter must be one of {BC_FILTERS}, got {hp['bc_filter']!r}")
     if belief_cache_batches > 0 and transition_batch_size is None:
         problems.append("a belief cache needs transition_batch_size (transitions sampled per update)")
     if problems:

@@ -39,6 +39,8 @@ def bc_segment_mask(batch: TensorDict, num_tasks: int, rule: str = "identified")
     systematic search tries next (the lowest-index drawer not yet opened without reward) — so the actor imitates
     one search, never a tie between equally likely drawers. Uses only the data's own labels (the task of each
     segment, the drawn target, the rewards), never online interaction."""
+    if rule not in ("identified", "search"):
+        raise ValueError(f"bc_segment_mask: rule must be 'identified' or 'search', got {rule!r}")
     task, target, segment = batch[TASK].long(), batch[TARGET_TASK].long(), batch[SEGMENT].long()
     reward = batch[REWARD].reshape(task.shape).float()
     logged = batch.get(ORIGINAL_REWARD, None)
@@ -53,8 +55,8 @@ def bc_segment_mask(batch: TensorDict, num_tasks: int, rule: str = "identified")
     keep = torch.zeros(B, K, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
     for k in range(K):  # K is small (the segments of a meta-trajectory)
-        known = (found >= 0) | (failed.sum(-1) >= num_tasks - 1)
         if rule == "identified":
+            known = (found >= 0) | (failed.sum(-1) >= num_tasks - 1)
             keep[:, k] = known & rewarded[:, k]
         else:  # search: the found drawer, else the lowest-index drawer not yet failed
             next_try = torch.where(found >= 0, found, (~failed).float().argmax(-1))

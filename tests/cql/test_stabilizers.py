@@ -1,5 +1,5 @@
 """Phase 2's stabilisers: the Polyak-averaged acting actor, the cosine learning-rate decay, the BC term and its
-``identified`` filter."""
+``identified`` / ``search`` filters."""
 
 from __future__ import annotations
 
@@ -132,6 +132,8 @@ def test_bc_segment_mask_identified_and_search_rules():
                     [1, 0, 2, 0]], target=2)   # 1 guess, 0 next -> fails, 2 next -> found, 0 is not the found one
     rows = bc_segment_mask(search, num_tasks=3, rule="search")[..., 0].reshape(3, 4, 2)[..., 0].tolist()
     assert rows == [[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0]]
+    with pytest.raises(ValueError, match="rule"):
+        bc_segment_mask(search, num_tasks=3, rule="all")
     # a rollout that opened nothing (a failed attempt) neither counts nor identifies
     failed = batch.clone()
     failed[REWARD][0, 4:6] = 0.0
