@@ -189,9 +189,15 @@ def test_drawers3_preset_tiny(tmp_path):
     assert all(len(t["opened"]) == 4 and set(t["opened"]) <= {-1, 0, 1, 2} for t in final["trials"])
     assert (out / "figure2.png").stat().st_size > 0
 
-    # a phase-2 variant on the same filters (search-shaped phase-2 data): no phase 1 is run
+    ours = torch.load(out / "ours" / "seed_0" / "phase2" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)["hyper_parameters"]
+    assert ours["conservative"] and ours["bc_weight"] == 3.0 and ours["bc_filter"] == "search"
+
+    # the No CQL ablation on the same filters (search-shaped phase-2 data): no phase 1 is run, and it is SAC (no
+    # conservative term, no BC term), whatever the preset's phase 2 regularizes with
     out2 = tmp_path / "out2"
     variant = list(cmd)
+    variant[variant.index("--methods") + 1] = "no_cql"
     variant[variant.index("--out"):variant.index("--out") + 2] = []
     variant[variant.index("--phase1-args"):variant.index("--phase1-args") + 2] = []
     variant[variant.index("--phase2-args") + 1] += " --data.init_args.search_fraction 0.5"
@@ -200,7 +206,10 @@ def test_drawers3_preset_tiny(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "=== phase 1" not in run.stdout and not (out2 / "filters").exists()
     assert f"--model.init_args.filter_checkpoint {out / 'filters' / 'synthetic' / 'seed_0'}" in run.stdout
-    assert "search_fraction 0.5" in run.stdout and (out2 / "ours" / "seed_0" / "eval_results.json").exists()
+    assert "search_fraction 0.5" in run.stdout and (out2 / "no_cql" / "seed_0" / "eval_results.json").exists()
+    sac = torch.load(out2 / "no_cql" / "seed_0" / "phase2" / "checkpoints" / "last.ckpt", map_location="cpu",
+                     weights_only=False)["hyper_parameters"]
+    assert not sac["conservative"] and sac["bc_weight"] == 0.0
 
 
 def test_drawers3_pixels_preset_tiny(tmp_path):
